@@ -1,0 +1,174 @@
+//! Activation quantization: each weight type is dotted with activations in a matching format, as ggml does
+//! (`vec_dot_type`), so that results agree with llama.cpp and the inner loops are integer.
+
+use crate::GgmlType;
+use half::{bf16, f16};
+
+/// The format activations are converted to before a dot with a given weight type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum ActType {
+    F32,
+    F16,
+    BF16,
+    /// 32-blocks: f16 d, 32 × i8.
+    Q8_0,
+    /// 32-blocks: f16 d, f16 s = d·Σq, 32 × i8.
+    Q8_1,
+    /// 256-blocks: f32 d, 256 × i8, 16 × i16 sums of 16.
+    Q8_K,
+    /// BitNet per-token int8: K × i8, then f32 scale s (x ≈ q/s) and i32 Σq.
+    I8PerToken,
+}
+
+impl ActType {
+    pub fn for_weight(ty: GgmlType) -> Option<ActType> {
+        use GgmlType::*;
+        Some(match ty {
+            F32 => ActType::F32,
+            F16 => ActType::F16,
+            BF16 => ActType::BF16,
+            Q4_0 | Q5_0 | Q8_0 => ActType::Q8_0,
+            Q4_1 | Q5_1 => ActType::Q8_1,
+            Q4_K | Q5_K | Q6_K | TQ1_0 | TQ2_0 => ActType::Q8_K,
+            I2_S => ActType::I8PerToken,
+            _ => return None,
+        })
+    }
+
+    /// Required multiple of the row length.
+    pub fn block(self) -> usize {
+        match self {
+            ActType::Q8_0 | ActType::Q8_1 => 32,
+            ActType::Q8_K => 256,
+            _ => 1,
+        }
+    }
+
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            ActType::F32 => 4 * k,
+            ActType::F16 | ActType::BF16 => 2 * k,
+            ActType::Q8_0 => k / 32 * 34,
+            ActType::Q8_1 => k / 32 * 36,
+            ActType::Q8_K => k / 256 * 292,
+            ActType::I8PerToken => k + 8,
+        }
+    }
+}
+
+/// A batch of activation rows in one [`ActType`], rows contiguous.
+#[derive(Clone, Debug)]
+pub struct QuantizedActs {
+    pub ty: ActType,
+    pub k: usize,
+    pub n_rows: usize,
+    pub data: Vec<u8>,
+}
+
+impl QuantizedActs {
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.k)
+    }
+    pub fn row(&self, i: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[i * rb..(i + 1) * rb]
+    }
+
+    /// Quantizes `n_rows` rows of length `k` from `x` (row-major).
+    pub fn quantize(ty: ActType, x: &[f32], k: usize) -> QuantizedActs {
+        assert!(k % ty.block() == 0 && x.len() % k == 0, "activation rows of {k} do not fit {ty:?}");
+        let n_rows = x.len() / k;
+        let rb = ty.row_bytes(k);
+        let mut data = vec![0u8; rb * n_rows];
+        for (src, dst) in x.chunks_exact(k).zip(data.chunks_exact_mut(rb)) {
+            quantize_row(ty, src, dst);
+        }
+        QuantizedActs { ty, k, n_rows, data }
+    }
+}
+
+/// Round half to even, as `_mm256_round_ps(_MM_ROUND_NEAREST)` and ggml's `nearest_int` do.
+#[inline(always)]
+pub fn round_even(x: f32) -> f32 {
+    x.round_ties_even()
+}
+
+pub fn quantize_row(ty: ActType, x: &[f32], out: &mut [u8]) {
+    match ty {
+        ActType::F32 => {
+            for (v, o) in x.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        ActType::F16 => {
+            for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        ActType::BF16 => {
+            for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
+                o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        ActType::Q8_0 | ActType::Q8_1 => {
+            let with_sum = ty == ActType::Q8_1;
+            let bb = if with_sum { 36 } else { 34 };
+            for (xb, ob) in x.chunks_exact(32).zip(out.chunks_exact_mut(bb)) {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                ob[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                let q0 = if with_sum { 4 } else { 2 };
+                let mut sum = 0i32;
+                for (j, v) in xb.iter().enumerate() {
+                    let q = round_even(v * id) as i32;
+                    sum += q;
+                    ob[q0 + j] = q as i8 as u8;
+                }
+                if with_sum {
+                    ob[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+                }
+            }
+        }
+        ActType::Q8_K => {
+            for (xb, ob) in x.chunks_exact(256).zip(out.chunks_exact_mut(292)) {
+                // ggml's quantize_row_q8_K: the signed value of largest magnitude maps to -127.
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in xb {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                if amax == 0.0 {
+                    ob.fill(0);
+                    continue;
+                }
+                let iscale = -127.0 / max;
+                for (j, &v) in xb.iter().enumerate() {
+                    let q = (round_even(iscale * v) as i32).min(127);
+                    ob[4 + j] = q as i8 as u8;
+                }
+                for s in 0..16 {
+                    let sum: i32 = (0..16).map(|j| ob[4 + s * 16 + j] as i8 as i32).sum();
+                    ob[260 + 2 * s..262 + 2 * s].copy_from_slice(&(sum as i16).to_le_bytes());
+                }
+                ob[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+            }
+        }
+        ActType::I8PerToken => {
+            let k = x.len();
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = 127.0 / amax.max(1e-5);
+            let mut sum = 0i32;
+            for (j, v) in x.iter().enumerate() {
+                let q = round_even(v * s).clamp(-128.0, 127.0) as i32;
+                sum += q;
+                out[j] = q as i8 as u8;
+            }
+            out[k..k + 4].copy_from_slice(&s.to_le_bytes());
+            out[k + 4..k + 8].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! AVX2 (+FMA, F16C) row dots. Integer types compute each block's integer sum with `maddubs`/`madd` (exact: no
+//! int16 saturation is possible for the value ranges involved, see each kernel) and reuse the scalar float
+//! epilogues, so their results are bit-identical to [`crate::scalar`]. Float types (F32/F16/BF16) use FMA and
+//! agree with the reference to rounding.
+//!
+//! Every function here is `unsafe` because it requires AVX2/FMA/F16C; [`crate::dot::Kernels`] only hands them out
+//! after `is_x86_feature_detected!` says the CPU has those features. Memory accesses go through bounds-checked
+//! slices before any unaligned load.
+
+use crate::scalar::*;
+use crate::{f16_at, GgmlType};
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn load(b: &[u8]) -> __m256i {
+    let b = &b[..32];
+    // SAFETY: `b` has at least 32 bytes (checked by the slice above); loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(b.as_ptr() as *const __m256i) }
+}
+
+#[inline(always)]
+unsafe fn load16(b: &[u8]) -> __m128i {
+    let b = &b[..16];
+    // SAFETY: 16 bytes checked by the slice above.
+    unsafe { _mm_loadu_si128(b.as_ptr() as *const __m128i) }
+}
+
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline(always)]
+unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Unsigned bytes `u` (each ≤ 128) times signed bytes `s`, summed to 8 × i32. Pairs sum to at most 2·128·128 in
+/// magnitude only when `s` holds -128, which no activation quantizer here produces (they stay within ±127), so
+/// `maddubs` never saturates.
+#[inline(always)]
+unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// Signed × signed bytes via the sign trick; `y` must not contain -128 (activations never do).
+#[inline(always)]
+unsafe fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256i {
+    mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// 16 packed bytes → 32 nibbles: low nibbles in the low lane (values 0..16), high nibbles in the high lane.
+#[inline(always)]
+unsafe fn nibbles_32(qs: &[u8]) -> __m256i {
+    let t = load16(qs);
+    let v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bits → 32 bytes of 0xFF (bit set) or 0x00.
+#[inline(always)]
+unsafe fn bytes_from_bits_32(x: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q4_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let x = _mm256_sub_epi8(nibbles_32(&w[2..]), _mm256_set1_epi8(8));
+    hsum_i32(mul_sum_i8(x, load(&a[2..])))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q4_1_avx2(w: &[u8], a: &[u8]) -> i32 {
+    hsum_i32(mul_sum_us8(nibbles_32(&w[4..]), load(&a[4..])))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q5_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
+    // Bit clear → OR 0xF0, which as i8 is (nibble − 16); bit set → nibble + 16 − 16.
+    let x = _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)));
+    hsum_i32(mul_sum_i8(x, load(&a[2..])))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q5_1_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
+    let x = _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
+    hsum_i32(mul_sum_us8(x, load(&a[4..])))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q8_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    hsum_i32(mul_sum_i8(load(&w[2..]), load(&a[2..])))
+}
+
+/// Q4_K/Q5_K: Σ_j scale_j · Σ (value · a) over the eight 32-wide sub-blocks. Per 16-bit lane, maddubs pairs are at
+/// most 2·31·127 = 7874; times a 6-bit scale in madd, at most 2·7874·63 ≈ 1e6 per lane per sub-block.
+#[inline(always)]
+unsafe fn k_scaled_sum(vals: [__m256i; 8], w_scales: &[u8], a: &[u8]) -> i32 {
+    let mut acc = _mm256_setzero_si256();
+    for (j, v) in vals.into_iter().enumerate() {
+        let (sc, _) = scale_min_k4(j, w_scales);
+        let p = _mm256_maddubs_epi16(v, load(&a[4 + 32 * j..]));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(sc as i16)));
+    }
+    hsum_i32(acc)
+}
+
+#[inline(always)]
+fn k_mins(w_scales: &[u8], a: &[u8]) -> i32 {
+    (0..8).map(|j| scale_min_k4(j, w_scales).1 as i32 * q8k_bsum32(a, j)).sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut vals = [_mm256_setzero_si256(); 8];
+    for g in 0..4 {
+        let q = load(&w[16 + 32 * g..]);
+        vals[2 * g] = _mm256_and_si256(q, m4);
+        vals[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    }
+    (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q5_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let qh = load(&w[16..]);
+    let mut vals = [_mm256_setzero_si256(); 8];
+    for g in 0..4 {
+        let q = load(&w[48 + 32 * g..]);
+        // Bit (2g) of each qh byte is the fifth bit of the low-nibble sub-block, bit (2g+1) of the high one.
+        let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32)), one);
+        let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32 + 1)), one);
+        vals[2 * g] = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_slli_epi16(h0, 4));
+        vals[2 * g + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_slli_epi16(h1, 4));
+    }
+    (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
+}
+
+/// Q6_K: values are (u6 − 32); Σ sc·(u6 − 32)·a = Σ sc·u6·a − 32·Σ sc·bsum16. maddubs pairs ≤ 2·63·127 = 16002;
+/// madd with a signed 8-bit scale ≤ 2·16002·128 ≈ 4.1e6 per lane.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q6_k_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let sc = &w[192..208];
+    let mut acc = _mm256_setzero_si256();
+    for h in 0..2 {
+        let qa = load(&w[64 * h..]);
+        let qb = load(&w[64 * h + 32..]);
+        let hb = load(&w[128 + 32 * h..]);
+        let hbits = |s: i32| _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(s)), m2), 4);
+        let vals = [
+            _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
+            _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
+        ];
+        for (i, v) in vals.into_iter().enumerate() {
+            let s0 = sc[8 * h + 2 * i] as i8 as i16;
+            let s1 = sc[8 * h + 2 * i + 1] as i8 as i16;
+            let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+            let p = _mm256_maddubs_epi16(v, load(&a[4 + 128 * h + 32 * i..]));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales));
+        }
+    }
+    let bs = |i: usize| i16::from_le_bytes([a[260 + 2 * i], a[261 + 2 * i]]) as i32;
+    let offset: i32 = (0..16).map(|j| sc[j] as i8 as i32 * bs(j)).sum();
+    hsum_i32(acc) - 32 * offset
+}
+
+/// Ternary codes (0..2) times activations, summed; maddubs pairs ≤ 2·2·127.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_tq2_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let m2 = _mm256_set1_epi8(3);
+    let mut acc = _mm256_setzero_si256();
+    for j in 0..2 {
+        let q = load(&w[32 * j..]);
+        for l in 0..4 {
+            let t = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * l as i32)), m2);
+            acc = _mm256_add_epi32(acc, mul_sum_us8(t, load(&a[4 + 128 * j + 32 * l..])));
+        }
+    }
+    hsum_i32(acc) - q8k_bsum_all(a)
+}
+
+/// Trit `n` of 32 TQ1_0 bytes: ((q·3ⁿ mod 256)·3) >> 8, byte-wise via 16-bit multiplies.
+#[inline(always)]
+unsafe fn tq1_trits(q: __m256i, pow3: i16) -> __m256i {
+    let lo_mask = _mm256_set1_epi16(0x00FF);
+    let p = _mm256_set1_epi16(pow3);
+    let lo = _mm256_and_si256(_mm256_mullo_epi16(_mm256_and_si256(q, lo_mask), p), lo_mask);
+    let hi = _mm256_andnot_si256(lo_mask, _mm256_mullo_epi16(_mm256_andnot_si256(lo_mask, q), p));
+    let qn = _mm256_or_si256(lo, hi);
+    let three = _mm256_set1_epi16(3);
+    let t_lo = _mm256_srli_epi16(_mm256_mullo_epi16(_mm256_and_si256(qn, lo_mask), three), 8);
+    let t_hi = _mm256_andnot_si256(lo_mask, _mm256_mullo_epi16(_mm256_srli_epi16(qn, 8), three));
+    _mm256_or_si256(t_lo, t_hi)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_tq1_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    const POW3: [i16; 5] = [1, 3, 9, 27, 81];
+    let mut acc = _mm256_setzero_si256();
+    let q = load(w);
+    for (n, &p) in POW3.iter().enumerate() {
+        acc = _mm256_add_epi32(acc, mul_sum_us8(tq1_trits(q, p), load(&a[4 + 32 * n..])));
+    }
+    // The last 96 weights (16 bytes × 5 trits, 4 bytes × 4 trits) are decoded by the scalar rule.
+    let t = tq1_0_trits(w);
+    let tail: i32 = (160..256).map(|i| t[i] as i32 * (a[4 + i] as i8 as i32)).sum();
+    hsum_i32(acc) + tail - q8k_bsum_all(a)
+}
+
+/// Σ c·q over one I2_S block of 128 weights. Codes are 0..2 (3 is mapped to 1); four maddubs results summed in
+/// int16 stay within 4·2·2·127 = 2032, then widen to int32 — exact, unlike an int16 accumulation across blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_i2s_avx2(w: &[u8], a: &[u8]) -> i32 {
+    hsum_i32(i2s_block_acc(w, a))
+}
+
+#[inline(always)]
+unsafe fn i2s_block_acc(w: &[u8], a: &[u8]) -> __m256i {
+    let m2 = _mm256_set1_epi8(3);
+    let one = _mm256_set1_epi8(1);
+    let q = load(w);
+    let mut p = _mm256_setzero_si256();
+    for (g, shift) in [6, 4, 2, 0].into_iter().enumerate() {
+        let c = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(shift)), m2);
+        let three = _mm256_and_si256(_mm256_and_si256(c, _mm256_srli_epi16(c, 1)), one);
+        let c = _mm256_xor_si256(c, _mm256_add_epi8(three, three));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c, load(&a[32 * g..])));
+    }
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_i2s_avx2(w: &[u8], a: &[u8], k: usize, scale: f32) -> f32 {
+    let mut acc = _mm256_setzero_si256();
+    for (i, b) in w[..k / 4].chunks_exact(32).enumerate() {
+        acc = _mm256_add_epi32(acc, i2s_block_acc(b, &a[128 * i..]));
+    }
+    epi_i2s(a, k, hsum_i32(acc), scale)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    let (w, a) = (&w[..4 * k], &a[..4 * k]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= k {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = 4 * (i + 8 * j);
+            let wv = _mm256_castsi256_ps(load(&w[o..]));
+            let av = _mm256_castsi256_ps(load(&a[o..]));
+            *acc = _mm256_fmadd_ps(wv, av, *acc);
+        }
+        i += 32;
+    }
+    let mut s = hsum_f32(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for j in i..k {
+        s += crate::f32_at(w, 4 * j) * crate::f32_at(a, 4 * j);
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    let (w, a) = (&w[..2 * k], &a[..2 * k]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= k {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = 2 * (i + 8 * j);
+            let wv = _mm256_cvtph_ps(load16(&w[o..]));
+            let av = _mm256_cvtph_ps(load16(&a[o..]));
+            *acc = _mm256_fmadd_ps(wv, av, *acc);
+        }
+        i += 32;
+    }
+    let mut s = hsum_f32(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for j in i..k {
+        s += f16_at(w, 2 * j) * f16_at(a, 2 * j);
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_bf16_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    let (w, a) = (&w[..2 * k], &a[..2 * k]);
+    let widen = |v: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= k {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let o = 2 * (i + 8 * j);
+            *acc = _mm256_fmadd_ps(widen(load16(&w[o..])), widen(load16(&a[o..])), *acc);
+        }
+        i += 16;
+    }
+    let mut s = hsum_f32(_mm256_add_ps(acc[0], acc[1]));
+    let bf = |b: &[u8], i: usize| f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16);
+    for j in i..k {
+        s += bf(w, j) * bf(a, j);
+    }
+    s
+}
+
+/// The AVX2 row dot for `ty`; `None` for types without one. Callers must have checked AVX2, FMA and F16C.
+pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
+    use GgmlType::*;
+    macro_rules! blocks {
+        ($wb:expr, $ab:expr, |$x:ident, $y:ident| $e:expr) => {{
+            fn f(w: &[u8], a: &[u8], _k: usize, _s: f32) -> f32 {
+                // The loop lives in a target-feature function so the block kernel inlines into it.
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], a: &[u8]) -> f32 {
+                    let mut acc = 0f32;
+                    for ($x, $y) in w.chunks_exact($wb).zip(a.chunks_exact($ab)) {
+                        acc += $e;
+                    }
+                    acc
+                }
+                // SAFETY: this function is only reachable through `Kernels::detect`, after the CPU features were
+                // detected.
+                unsafe { inner(w, a) }
+            }
+            f as crate::dot::RowDot
+        }};
+    }
+    macro_rules! whole {
+        ($f:expr) => {{
+            fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
+                // SAFETY: only reachable after feature detection (see above).
+                unsafe { $f(w, a, k, s) }
+            }
+            f as crate::dot::RowDot
+        }};
+    }
+    Some(match ty {
+        F32 => whole!(|w, a, k, _s| dot_f32_avx2(w, a, k)),
+        F16 => whole!(|w, a, k, _s| dot_f16_avx2(w, a, k)),
+        BF16 => whole!(|w, a, k, _s| dot_bf16_avx2(w, a, k)),
+        Q4_0 => blocks!(18, 34, |x, y| epi_q8_0(x, y, isum_q4_0_avx2(x, y))),
+        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0(x, y, isum_q5_0_avx2(x, y))),
+        Q8_0 => blocks!(34, 34, |x, y| epi_q8_0(x, y, isum_q8_0_avx2(x, y))),
+        Q4_1 => blocks!(20, 36, |x, y| epi_q8_1(x, y, isum_q4_1_avx2(x, y))),
+        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1(x, y, isum_q5_1_avx2(x, y))),
+        Q4_K => blocks!(144, 292, |x, y| epi_k_min(x, y, isum_q4_k_avx2(x, y))),
+        Q5_K => blocks!(176, 292, |x, y| epi_k_min(x, y, isum_q5_k_avx2(x, y))),
+        Q6_K => blocks!(210, 292, |x, y| epi_k(f16_at(x, 208), y, isum_q6_k_avx2(x, y))),
+        TQ1_0 => blocks!(54, 292, |x, y| epi_k(f16_at(x, 52), y, isum_tq1_0_avx2(x, y))),
+        TQ2_0 => blocks!(66, 292, |x, y| epi_k(f16_at(x, 64), y, isum_tq2_0_avx2(x, y))),
+        I2_S => whole!(dot_i2s_avx2),
+        _ => return None,
+    })
+}
+
+/// Per-block integer kernels, exposed for the scalar-equality tests.
+#[doc(hidden)]
+pub(crate) fn block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)> {
+    use GgmlType::*;
+    macro_rules! one {
+        ($f:ident) => {{
+            fn g(w: &[u8], a: &[u8]) -> (i32, i32) {
+                // SAFETY: only called by tests after feature detection.
+                (unsafe { $f(w, a) }, 0)
+            }
+            g as fn(&[u8], &[u8]) -> (i32, i32)
+        }};
+    }
+    macro_rules! two {
+        ($f:ident) => {{
+            fn g(w: &[u8], a: &[u8]) -> (i32, i32) {
+                // SAFETY: only called by tests after feature detection.
+                unsafe { $f(w, a) }
+            }
+            g as fn(&[u8], &[u8]) -> (i32, i32)
+        }};
+    }
+    Some(match ty {
+        Q4_0 => one!(isum_q4_0_avx2),
+        Q4_1 => one!(isum_q4_1_avx2),
+        Q5_0 => one!(isum_q5_0_avx2),
+        Q5_1 => one!(isum_q5_1_avx2),
+        Q8_0 => one!(isum_q8_0_avx2),
+        Q4_K => two!(isum_q4_k_avx2),
+        Q5_K => two!(isum_q5_k_avx2),
+        Q6_K => one!(isum_q6_k_avx2),
+        TQ1_0 => one!(isum_tq1_0_avx2),
+        TQ2_0 => one!(isum_tq2_0_avx2),
+        I2_S => one!(isum_i2s_avx2),
+        _ => return None,
+    })
+}

@@ -1,0 +1,92 @@
+//! Run-time choice of kernel backend: AVX2 where the CPU has it, the scalar reference elsewhere.
+
+use crate::{scalar, ActType, GgmlType, UnsupportedType};
+
+/// A row dot: weight row bytes, activation row bytes (in the weight type's [`ActType`]), row length, and the
+/// per-tensor scale (used by I2_S only).
+pub type RowDot = fn(&[u8], &[u8], usize, f32) -> f32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Scalar,
+    Avx2,
+}
+
+impl Backend {
+    /// The best backend this CPU supports (`TERNLM_BACKEND=scalar` forces the reference).
+    pub fn detect() -> Backend {
+        if std::env::var("TERNLM_BACKEND").is_ok_and(|v| v == "scalar") {
+            return Backend::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            return Backend::Avx2;
+        }
+        Backend::Scalar
+    }
+}
+
+/// The dot kernel for one weight type on one backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernels {
+    pub ty: GgmlType,
+    pub act: ActType,
+    pub backend: Backend,
+    pub dot: RowDot,
+}
+
+impl Kernels {
+    pub fn new(ty: GgmlType, backend: Backend) -> Result<Kernels, UnsupportedType> {
+        let act = ActType::for_weight(ty).ok_or(UnsupportedType(ty))?;
+        let dot = match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?),
+            _ => scalar_dot(ty)?,
+        };
+        Ok(Kernels { ty, act, backend, dot })
+    }
+
+    pub fn detect(ty: GgmlType) -> Result<Kernels, UnsupportedType> {
+        Self::new(ty, Backend::detect())
+    }
+}
+
+fn scalar_dot(ty: GgmlType) -> Result<RowDot, UnsupportedType> {
+    macro_rules! f {
+        ($t:ident) => {{
+            fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
+                scalar::dot_row(GgmlType::$t, w, a, k, s).expect("type checked at selection")
+            }
+            f as RowDot
+        }};
+    }
+    use GgmlType::*;
+    Ok(match ty {
+        F32 => f!(F32),
+        F16 => f!(F16),
+        BF16 => f!(BF16),
+        Q4_0 => f!(Q4_0),
+        Q4_1 => f!(Q4_1),
+        Q5_0 => f!(Q5_0),
+        Q5_1 => f!(Q5_1),
+        Q8_0 => f!(Q8_0),
+        Q4_K => f!(Q4_K),
+        Q5_K => f!(Q5_K),
+        Q6_K => f!(Q6_K),
+        TQ1_0 => f!(TQ1_0),
+        TQ2_0 => f!(TQ2_0),
+        I2_S => f!(I2_S),
+        other => return Err(UnsupportedType(other)),
+    })
+}
+
+/// AVX2 per-block integer sums, for tests that hold them equal to the scalar ones. `None` without AVX2.
+#[doc(hidden)]
+pub fn simd_block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)> {
+    #[cfg(target_arch = "x86_64")]
+    if Backend::detect() == Backend::Avx2 {
+        return crate::avx2::block_isum(ty);
+    }
+    let _ = ty;
+    None
+}

@@ -1,0 +1,45 @@
+//! Numeric kernels: quantized block formats, activation quantizers, dequantize-and-dot for every supported GGML
+//! type, and threaded matrix-vector / matrix-matrix products.
+//!
+//! Layout of the code:
+//! - [`scalar`]: the reference implementation of every block format (dequantize, integer block dots). It is the
+//!   definition of correctness; SIMD paths must match it (bit-exactly where the math is integer).
+//! - [`act`]: quantization of activations into the type each weight format is dotted with (ggml's `vec_dot_type`).
+//! - `avx2`: x86-64 AVX2 paths, chosen at run time.
+//! - [`matmul`]: `QMatrix` (a weight matrix in any format) times a batch of activation rows, on a [`pool::ThreadPool`].
+
+pub mod act;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod dot;
+pub mod matmul;
+pub mod pool;
+pub mod scalar;
+
+pub use act::{ActType, QuantizedActs};
+pub use dot::{Backend, Kernels};
+pub use matmul::QMatrix;
+pub use pool::ThreadPool;
+pub use ternlm_gguf::GgmlType;
+
+/// Little-endian f16 at `b[i..i+2]`.
+#[inline(always)]
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+#[inline(always)]
+pub fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// Error for a weight type that ternlm can read but has no kernel for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsupportedType(pub GgmlType);
+
+impl std::fmt::Display for UnsupportedType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tensor type {} has no compute kernel in ternlm (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, TQ1_0, TQ2_0, I2_S)", self.0)
+    }
+}
+impl std::error::Error for UnsupportedType {}

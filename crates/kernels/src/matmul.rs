@@ -1,0 +1,125 @@
+//! A weight matrix in any supported format times a batch of activation rows, split across a [`ThreadPool`].
+
+use crate::dot::{Backend, Kernels};
+use crate::{scalar, ActType, GgmlType, QuantizedActs, ThreadPool, UnsupportedType};
+use std::sync::Arc;
+
+/// Bytes of a weight tensor: a window into a shared buffer (usually a memory-mapped GGUF file) or an owned copy.
+#[derive(Clone)]
+pub struct WeightBytes {
+    src: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl WeightBytes {
+    /// A window `start..start+len` of `src`; panics if it is out of bounds (callers validate against the file).
+    pub fn window(src: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Self {
+        assert!(start.checked_add(len).is_some_and(|e| e <= (*src).as_ref().len()), "weight window out of bounds");
+        WeightBytes { src, start, len }
+    }
+    pub fn owned(v: Vec<u8>) -> Self {
+        let len = v.len();
+        WeightBytes { src: Arc::new(v), start: 0, len }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.src).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+/// An M×K weight matrix (M rows of K weights, ggml dims `[K, M]`) in one GGML type.
+#[derive(Clone)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Per-tensor scale (I2_S only; 1.0 otherwise).
+    pub scale: f32,
+    data: WeightBytes,
+    kernels: Kernels,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({} {}x{})", self.kernels.ty, self.rows, self.cols)
+    }
+}
+
+/// Pointer that tasks use to write disjoint parts of one output buffer.
+struct OutPtr(*mut f32);
+// SAFETY: each task writes a disjoint set of indices (its own rows), and `run` returns only after all tasks end.
+unsafe impl Sync for OutPtr {}
+
+impl QMatrix {
+    pub fn new(ty: GgmlType, data: WeightBytes, rows: usize, cols: usize) -> Result<QMatrix, String> {
+        Self::with_backend(ty, data, rows, cols, Backend::detect())
+    }
+
+    pub fn with_backend(ty: GgmlType, data: WeightBytes, rows: usize, cols: usize, backend: Backend) -> Result<QMatrix, String> {
+        let kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
+        let block = ty.block_size().max(kernels.act.block());
+        if cols % block != 0 {
+            return Err(format!("{ty} matrix with rows of {cols} weights: the row length must be a multiple of {block}"));
+        }
+        let expected = ty.tensor_bytes(cols as u64, (rows * cols) as u64).unwrap_or(u64::MAX);
+        if data.as_slice().len() as u64 != expected {
+            return Err(format!("{ty} matrix {rows}x{cols} needs {expected} bytes, got {}", data.as_slice().len()));
+        }
+        let scale = if ty == GgmlType::I2_S { scalar::i2s_tensor_scale(data.as_slice()) } else { 1.0 };
+        Ok(QMatrix { rows, cols, scale, data, kernels })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.kernels.ty
+    }
+    pub fn act_type(&self) -> ActType {
+        self.kernels.act
+    }
+    pub fn backend(&self) -> Backend {
+        self.kernels.backend
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.ty().row_bytes(self.cols)
+    }
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data.as_slice()[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantizes row `r` into `out` (length `cols`), e.g. for embedding lookups.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        scalar::dequantize_row(self.ty(), self.row(r), out, self.scale).expect("type checked at construction");
+    }
+
+    /// `out[t * rows + r] = W[r] · x[t]` for every activation row t. `x` must be in [`QMatrix::act_type`].
+    pub fn matmul(&self, x: &QuantizedActs, out: &mut [f32], pool: &ThreadPool) {
+        assert_eq!(x.ty, self.act_type(), "activations quantized for the wrong weight type");
+        assert_eq!(x.k, self.cols, "activation length does not match the matrix");
+        assert_eq!(out.len(), x.n_rows * self.rows, "output buffer size");
+        let n_tok = x.n_rows;
+        // Tasks are groups of rows; each task keeps its weight rows hot while it walks every token.
+        let rows_per_task = if n_tok == 1 { 16 } else { 4 }.min(self.rows).max(1);
+        let n_tasks = self.rows.div_ceil(rows_per_task);
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let dot = self.kernels.dot;
+        let task = |t: usize| {
+            let r0 = t * rows_per_task;
+            let r1 = (r0 + rows_per_task).min(self.rows);
+            let optr = &out_ptr;
+            for tok in 0..n_tok {
+                let a = x.row(tok);
+                for r in r0..r1 {
+                    let v = dot(self.row(r), a, self.cols, self.scale);
+                    // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
+                    unsafe { *optr.0.add(tok * self.rows + r) = v };
+                }
+            }
+        };
+        pool.run(n_tasks, &task);
+    }
+
+    /// Quantizes `x` (rows of `cols`) for this matrix and multiplies.
+    pub fn matmul_f32(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        let q = QuantizedActs::quantize(self.act_type(), x, self.cols);
+        self.matmul(&q, out, pool);
+    }
+}
