@@ -1,1 +1,44 @@
-fn main() {}
+//! `ternlm`: a thin command-line layer over the ternlm crates.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "ternlm", version, about = "Run, inspect and measure ternary (1.58-bit) and ordinary GGUF LLMs on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a raw completion of a prompt (or a chat reply with --chat), streaming the text.
+    Run(commands::RunArgs),
+    /// Interactive chat using the model's chat template.
+    Chat(commands::ChatArgs),
+    /// Print metadata and a tensor table.
+    Info(commands::InfoArgs),
+    /// Print the token ids of a text, like llama-tokenize.
+    Tokenize(commands::TokenizeArgs),
+    /// Perplexity over a text file, computed the way llama.cpp's llama-perplexity does.
+    Perplexity(commands::PerplexityArgs),
+    /// Print the top-K (id, logit) pairs at every prompt position.
+    Logits(commands::LogitsArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Command::Run(a) => commands::run(a),
+        Command::Chat(a) => commands::chat(a),
+        Command::Info(a) => commands::info(a),
+        Command::Tokenize(a) => commands::tokenize(a),
+        Command::Perplexity(a) => commands::perplexity(a),
+        Command::Logits(a) => commands::logits(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -9,6 +9,7 @@
 //! - [`matmul`]: `QMatrix` (a weight matrix in any format) times a batch of activation rows, on a [`pool::ThreadPool`].
 
 pub mod act;
+pub mod attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod dot;

@@ -1,0 +1,17 @@
+//! The model runtime: configuration from GGUF, one decoder for every supported architecture, the KV cache,
+//! sampling, streaming generation, chat templates and perplexity.
+
+pub mod chat;
+pub mod config;
+pub mod decoder;
+pub mod generate;
+pub mod kv;
+pub mod ops;
+pub mod perplexity;
+pub mod sampling;
+
+pub use config::ModelConfig;
+pub use decoder::{BatchToken, Linear, Model};
+pub use generate::{generate, FinishReason, GenerateOptions, GenerateStats};
+pub use kv::KvCache;
+pub use sampling::{Sampler, SamplingParams};

@@ -1,0 +1,380 @@
+//! The one decoder: embedding → N × (RMSNorm → attention → [SubLN] → residual → RMSNorm → gated FFN → [SubLN] →
+//! residual) → RMSNorm → head. Architecture differences (RoPE style, QKV biases, QK-norm, sub-norms, FFN activation,
+//! tied head) are flags in [`ModelConfig`] or the presence of optional tensors, never separate model code.
+//!
+//! `forward` takes a batch of tokens from any number of sequences, each with its own KV-cache slot: the prompt
+//! path turns into matrix-matrix products and a server can batch many users' decode steps into one pass.
+
+use crate::config::{FfnActivation, ModelConfig, RopeStyle};
+use crate::kv::KvCache;
+use crate::ops::{self, Disjoint};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::sync::Arc;
+use ternlm_gguf::{GgmlType, GgufFile};
+use half::f16;
+use ternlm_kernels::attn::{dot_f16_f32, mad_f16, scale_f16};
+use ternlm_kernels::matmul::WeightBytes;
+use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
+
+/// A linear layer in any weight format (the format is the matrix's business), with an optional bias.
+pub struct Linear {
+    pub w: QMatrix,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn out_dim(&self) -> usize {
+        self.w.rows
+    }
+
+    /// `out[t] = W·x[t] (+ b)` for `n` rows of `x`, reusing `q` when it already holds `x` in this layer's format.
+    fn forward(&self, x: &[f32], q: &mut Option<QuantizedActs>, out: &mut [f32], pool: &ThreadPool) {
+        let act = self.w.act_type();
+        if q.as_ref().is_none_or(|q| q.ty != act) {
+            *q = Some(quantize_parallel(act, x, self.w.cols, pool));
+        }
+        self.w.matmul(q.as_ref().expect("set above"), out, pool);
+        if let Some(b) = &self.bias {
+            for row in out.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+}
+
+fn quantize_parallel(act: ActType, x: &[f32], k: usize, pool: &ThreadPool) -> QuantizedActs {
+    let n = x.len() / k;
+    if n < 8 {
+        return QuantizedActs::quantize(act, x, k);
+    }
+    let rb = act.row_bytes(k);
+    let mut data = vec![0u8; rb * n];
+    let d = Disjoint::new(&mut data);
+    pool.run(n, &|i| {
+        // SAFETY: task i writes only row i.
+        let dst = unsafe { d.slice(i * rb, rb) };
+        ternlm_kernels::act::quantize_row(act, &x[i * k..(i + 1) * k], dst);
+    });
+    QuantizedActs { ty: act, k, n_rows: n, data }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    attn_sub_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+    ffn_sub_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub file: Arc<GgufFile>,
+    tok_embd: QMatrix,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    /// `None`: the head is the token embedding.
+    output: Option<QMatrix>,
+    rope_freqs: Option<Vec<f32>>,
+}
+
+/// One token of a batch: its id, its position in its sequence, the sequence's KV slot, and whether to return
+/// its logits.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchToken {
+    pub token: u32,
+    pub pos: usize,
+    pub seq: usize,
+    pub logits: bool,
+}
+
+struct Loader<'a> {
+    f: &'a Arc<GgufFile>,
+}
+
+impl Loader<'_> {
+    fn path(&self) -> String {
+        self.f.path().display().to_string()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.f.tensor_info(name).is_some()
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.f.tensor_info(name).with_context(|| format!("{}: missing tensor '{name}'", self.path()))?;
+        if t.n_elements() != len as u64 {
+            bail!("{}: tensor '{name}' has shape {:?}, expected [{len}]", self.path(), t.dims);
+        }
+        let mut out = vec![0f32; len];
+        ternlm_kernels::scalar::dequantize_row(t.ty, self.f.tensor_data(t), &mut out, 1.0)
+            .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))?;
+        Ok(out)
+    }
+
+    fn opt_vector(&self, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        if self.has(name) {
+            self.vector(name, len).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<QMatrix> {
+        let t = self.f.tensor_info(name).with_context(|| format!("{}: missing tensor '{name}'", self.path()))?;
+        if t.dims.len() != 2 || t.dims[0] != cols as u64 || t.dims[1] != rows as u64 {
+            bail!("{}: tensor '{name}' has shape {:?}, expected [{cols}, {rows}]", self.path(), t.dims);
+        }
+        let start = (self.f.data_offset + t.offset) as usize;
+        let src: Arc<dyn AsRef<[u8]> + Send + Sync> = self.f.clone();
+        let bytes = WeightBytes::window(src, start, t.size as usize);
+        QMatrix::new(t.ty, bytes, rows, cols).map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))
+    }
+
+    fn linear(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
+        let w = self.matrix(&format!("{name}.weight"), cols, rows)?;
+        let bias = self.opt_vector(&format!("{name}.bias"), rows)?;
+        Ok(Linear { w, bias })
+    }
+}
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let f = Arc::new(GgufFile::open(path.as_ref())?);
+        Self::from_gguf(f)
+    }
+
+    pub fn from_gguf(f: Arc<GgufFile>) -> Result<Model> {
+        let cfg = ModelConfig::from_gguf(&f)?;
+        let l = Loader { f: &f };
+        let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let tok_embd = l.matrix("token_embd.weight", d, cfg.n_vocab)?;
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            let sub = |s: &str| -> Result<Option<Vec<f32>>> {
+                let name = p(s);
+                let len = if s.starts_with("attn") { qd } else { ff };
+                if cfg.sub_norms {
+                    l.vector(&name, len).map(Some)
+                } else {
+                    l.opt_vector(&name, len)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: l.vector(&p("attn_norm.weight"), d)?,
+                wq: l.linear(&p("attn_q"), d, qd)?,
+                wk: l.linear(&p("attn_k"), d, kvd)?,
+                wv: l.linear(&p("attn_v"), d, kvd)?,
+                wo: l.linear(&p("attn_output"), qd, d)?,
+                q_norm: l.opt_vector(&p("attn_q_norm.weight"), cfg.head_dim)?,
+                k_norm: l.opt_vector(&p("attn_k_norm.weight"), cfg.head_dim)?,
+                attn_sub_norm: sub("attn_sub_norm.weight")?,
+                ffn_norm: l.vector(&p("ffn_norm.weight"), d)?,
+                w_gate: l.linear(&p("ffn_gate"), d, ff)?,
+                w_up: l.linear(&p("ffn_up"), d, ff)?,
+                w_down: l.linear(&p("ffn_down"), ff, d)?,
+                ffn_sub_norm: sub("ffn_sub_norm.weight")?,
+            });
+        }
+        let output_norm = l.vector("output_norm.weight", d)?;
+        let output = if !cfg.force_tied_head && l.has("output.weight") { Some(l.matrix("output.weight", d, cfg.n_vocab)?) } else { None };
+        let rope_freqs = l.opt_vector("rope_freqs.weight", cfg.rope_dim / 2)?;
+        drop(l);
+        Ok(Model { cfg, file: f, tok_embd, layers, output_norm, output, rope_freqs })
+    }
+
+    pub fn head(&self) -> &QMatrix {
+        self.output.as_ref().unwrap_or(&self.tok_embd)
+    }
+
+    /// Bytes of weights read per generated token (all matrices once, plus the head).
+    pub fn weight_bytes(&self) -> usize {
+        self.file.tensors().iter().map(|t| t.size as usize).sum()
+    }
+
+    pub fn new_kv_cache(&self, n_ctx: usize, n_seq: usize) -> KvCache {
+        KvCache::new(self.cfg.n_layer, self.cfg.kv_dim(), n_ctx, n_seq)
+    }
+
+    /// Runs a batch through the model, appending its keys/values to each sequence's slot. Returns the logits of
+    /// the tokens marked `logits`, in batch order (`n_vocab` each).
+    pub fn forward(&self, batch: &[BatchToken], kv: &mut KvCache, pool: &ThreadPool) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let n = batch.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        self.check_batch(batch, kv)?;
+        let (d, qd, kvd, ff, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff, cfg.head_dim);
+
+        let mut x = vec![0f32; n * d];
+        for (t, bt) in batch.iter().enumerate() {
+            self.tok_embd.dequantize_row(bt.token as usize, &mut x[t * d..(t + 1) * d]);
+        }
+        let rope: Vec<Vec<(f32, f32)>> = batch
+            .iter()
+            .map(|bt| ops::rope_cos_sin(bt.pos, cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, self.rope_freqs.as_deref()))
+            .collect();
+        let neox = cfg.rope_style == RopeStyle::Neox;
+
+        let mut h = vec![0f32; n * d];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut attn = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * d];
+        let (mut g, mut u) = (vec![0f32; n * ff], vec![0f32; n * ff]);
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            for t in 0..n {
+                ops::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
+            }
+            let mut hq = None;
+            layer.wq.forward(&h, &mut hq, &mut q, pool);
+            layer.wk.forward(&h, &mut hq, &mut k, pool);
+            layer.wv.forward(&h, &mut hq, &mut v, pool);
+            for t in 0..n {
+                for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.q_norm {
+                        ops::rms_norm_inplace(head, w, cfg.rms_eps);
+                    }
+                    ops::rope(&mut head[..cfg.rope_dim], &rope[t], neox);
+                }
+                for head in k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                    if let Some(w) = &layer.k_norm {
+                        ops::rms_norm_inplace(head, w, cfg.rms_eps);
+                    }
+                    ops::rope(&mut head[..cfg.rope_dim], &rope[t], neox);
+                }
+                let bt = batch[t];
+                kv.write(bt.seq, li, bt.pos, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+            }
+            self.attention(batch, li, &q, kv, &mut attn, pool);
+            if let Some(w) = &layer.attn_sub_norm {
+                for row in attn.chunks_exact_mut(qd) {
+                    ops::rms_norm_inplace(row, w, cfg.rms_eps);
+                }
+            }
+            layer.wo.forward(&attn, &mut None, &mut proj, pool);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+
+            for t in 0..n {
+                ops::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
+            }
+            let mut hq = None;
+            layer.w_gate.forward(&h, &mut hq, &mut g, pool);
+            layer.w_up.forward(&h, &mut hq, &mut u, pool);
+            match cfg.ffn_act {
+                FfnActivation::SiluGated => g.iter_mut().zip(&u).for_each(|(a, b)| *a = ops::silu(*a) * b),
+                FfnActivation::ReluSqrGated => g.iter_mut().zip(&u).for_each(|(a, b)| {
+                    let r = a.max(0.0);
+                    *a = r * r * b
+                }),
+            }
+            if let Some(w) = &layer.ffn_sub_norm {
+                for row in g.chunks_exact_mut(ff) {
+                    ops::rms_norm_inplace(row, w, cfg.rms_eps);
+                }
+            }
+            layer.w_down.forward(&g, &mut None, &mut proj, pool);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+        }
+
+        for bt in batch {
+            let len = kv.seq_len(bt.seq).max(bt.pos + 1);
+            kv.set_len(bt.seq, len);
+        }
+        let wanted: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
+        let mut xn = vec![0f32; wanted.len() * d];
+        for (i, &t) in wanted.iter().enumerate() {
+            ops::rms_norm(&x[t * d..(t + 1) * d], &self.output_norm, cfg.rms_eps, &mut xn[i * d..(i + 1) * d]);
+        }
+        let mut logits = vec![0f32; wanted.len() * cfg.n_vocab];
+        if !wanted.is_empty() {
+            self.head().matmul_f32(&xn, &mut logits, pool);
+        }
+        Ok(logits)
+    }
+
+    fn check_batch(&self, batch: &[BatchToken], kv: &KvCache) -> Result<()> {
+        let mut next: Vec<Option<usize>> = vec![None; kv.n_seq()];
+        for bt in batch {
+            if bt.token as usize >= self.cfg.n_vocab {
+                bail!("token id {} is outside the vocabulary ({})", bt.token, self.cfg.n_vocab);
+            }
+            if bt.seq >= kv.n_seq() {
+                bail!("sequence {} has no KV slot ({} slots)", bt.seq, kv.n_seq());
+            }
+            if bt.pos >= kv.n_ctx {
+                bail!("position {} is beyond the context size {}", bt.pos, kv.n_ctx);
+            }
+            let expected = next[bt.seq].unwrap_or(kv.seq_len(bt.seq));
+            if bt.pos > expected || (next[bt.seq].is_some() && bt.pos != expected) {
+                bail!("sequence {}: position {} does not follow position {} (batch positions must be consecutive)", bt.seq, bt.pos, expected);
+            }
+            next[bt.seq] = Some(bt.pos + 1);
+        }
+        Ok(())
+    }
+
+    /// Causal attention of every batch token over its own sequence's cache, positions 0..=pos.
+    ///
+    /// The arithmetic follows llama.cpp's CPU flash attention (its default), so that greedy outputs agree token for
+    /// token: Q is rounded to f16 before the K·Q dots, the softmax is computed online, and the weighted V sum is
+    /// kept in an f16 accumulator that is rescaled whenever the running maximum grows.
+    fn attention(&self, batch: &[BatchToken], layer: usize, q: &[f32], kv: &KvCache, out: &mut [f32], pool: &ThreadPool) {
+        let cfg = &self.cfg;
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let group = cfg.n_head / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let dst = Disjoint::new(out);
+        let n_tasks = batch.len() * cfg.n_head;
+        pool.run(n_tasks, &|task| {
+            let (t, h) = (task / cfg.n_head, task % cfg.n_head);
+            let bt = batch[t];
+            let (kc, vc) = kv.layer(bt.seq, layer);
+            let kvh = h / group;
+            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let mut acc = vec![f16::ZERO; hd];
+            let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+            for p in 0..=bt.pos {
+                let s = dot_f16_f32(&kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd], &qh) * scale;
+                let (mut ms, mut vs) = (1f32, 1f32);
+                if s > m {
+                    ms = (m - s).exp();
+                    m = s;
+                    scale_f16(&mut acc, ms);
+                } else {
+                    vs = (s - m).exp();
+                }
+                mad_f16(&mut acc, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd], vs);
+                sum = sum * ms + vs;
+            }
+            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            // SAFETY: task (t, h) writes only head h of token t.
+            let o = unsafe { dst.slice(t * qd + h * hd, hd) };
+            for (o, a) in o.iter_mut().zip(&acc) {
+                *o = a.to_f32() * inv;
+            }
+        });
+    }
+
+    /// Weight type histogram for `info`-style summaries.
+    pub fn weight_types(&self) -> Vec<(GgmlType, usize)> {
+        let mut m: Vec<(GgmlType, usize)> = Vec::new();
+        for t in self.file.tensors() {
+            match m.iter_mut().find(|(ty, _)| *ty == t.ty) {
+                Some(e) => e.1 += 1,
+                None => m.push((t.ty, 1)),
+            }
+        }
+        m
+    }
+}

@@ -1,0 +1,68 @@
+//! The KV cache: one slot per sequence, each holding f16 keys and values for every layer, so that one batched
+//! forward pass can serve several independent sequences (continuous batching).
+
+use half::f16;
+
+pub struct SeqCache {
+    /// Per layer: `capacity × kv_dim` keys, then values.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+    /// Positions 0..len hold valid entries.
+    pub len: usize,
+}
+
+pub struct KvCache {
+    pub n_ctx: usize,
+    pub kv_dim: usize,
+    pub n_layer: usize,
+    slots: Vec<SeqCache>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize, kv_dim: usize, n_ctx: usize, n_seq: usize) -> KvCache {
+        let slot = || SeqCache {
+            k: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
+            v: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
+            len: 0,
+        };
+        KvCache { n_ctx, kv_dim, n_layer, slots: (0..n_seq).map(|_| slot()).collect() }
+    }
+
+    pub fn n_seq(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn seq_len(&self, seq: usize) -> usize {
+        self.slots[seq].len
+    }
+
+    /// Forgets positions `pos..` of a sequence (e.g. to start it over or roll back).
+    pub fn truncate(&mut self, seq: usize, pos: usize) {
+        let s = &mut self.slots[seq];
+        s.len = s.len.min(pos);
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slots.len() * self.n_layer * 2 * self.n_ctx * self.kv_dim * 2
+    }
+
+    pub(crate) fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let d = self.kv_dim;
+        let s = &mut self.slots[seq];
+        for (dst, src) in s.k[layer][pos * d..(pos + 1) * d].iter_mut().zip(k) {
+            *dst = f16::from_f32(*src);
+        }
+        for (dst, src) in s.v[layer][pos * d..(pos + 1) * d].iter_mut().zip(v) {
+            *dst = f16::from_f32(*src);
+        }
+    }
+
+    pub(crate) fn set_len(&mut self, seq: usize, len: usize) {
+        self.slots[seq].len = len;
+    }
+
+    pub(crate) fn layer(&self, seq: usize, layer: usize) -> (&[f16], &[f16]) {
+        let s = &self.slots[seq];
+        (&s.k[layer], &s.v[layer])
+    }
+}

@@ -1,0 +1,119 @@
+//! Elementwise and row operations of the forward pass, written to match ggml's arithmetic where it matters.
+
+/// RMSNorm of one row, then times `w`, in ggml's order: squares in f32 summed in f64, `x·(1/√(mean+eps))`, then `·w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = (v * scale) * g;
+    }
+}
+
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = (*v * scale) * g;
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Rotary embedding of one head in place. `cos_sin` holds (cos θ_i, sin θ_i) for i < rope_dim/2.
+pub fn rope(x: &mut [f32], cos_sin: &[(f32, f32)], neox: bool) {
+    let half = cos_sin.len();
+    for (i, &(c, s)) in cos_sin.iter().enumerate() {
+        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (x0, x1) = (x[a], x[b]);
+        x[a] = x0 * c - x1 * s;
+        x[b] = x0 * s + x1 * c;
+    }
+}
+
+/// ggml's rope cache: θ starts at the (scaled) position and is multiplied by base^(-2/d) per pair, in f32.
+pub fn rope_cos_sin(pos: usize, rope_dim: usize, base: f32, freq_scale: f32, freq_factors: Option<&[f32]>) -> Vec<(f32, f32)> {
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let mut theta = pos as f32;
+    (0..rope_dim / 2)
+        .map(|i| {
+            let ff = freq_factors.map_or(1.0, |f| f[i]);
+            let t = freq_scale * (theta / ff);
+            theta *= theta_scale;
+            (t.cos(), t.sin())
+        })
+        .collect()
+}
+
+/// A mutable slice that pool tasks write to at disjoint indices.
+pub struct Disjoint<T>(*mut T, usize);
+// SAFETY: callers guarantee that concurrent tasks touch disjoint index ranges (documented at each use).
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+impl<T> Disjoint<T> {
+    pub fn new(s: &mut [T]) -> Self {
+        Disjoint(s.as_mut_ptr(), s.len())
+    }
+    /// # Safety
+    /// No other live reference may overlap `start..start+len`.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.1, "disjoint slice out of bounds");
+        // SAFETY: bounds asserted above; exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_of_constant_row_is_weight() {
+        let x = vec![3.0f32; 8];
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut out = vec![0.0; 8];
+        rms_norm(&x, &w, 0.0, &mut out);
+        for (o, g) in out.iter().zip(&w) {
+            assert!((o - g).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_matches_definition() {
+        let cs = rope_cos_sin(7, 8, 10000.0, 1.0, None);
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        rope(&mut x, &cs, true);
+        let n1: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-3);
+        // Pair 0 of the NeoX layout rotates (x0, x4) by θ0 = pos.
+        let t = 7.0f32;
+        assert!((x[0] - (1.0 * t.cos() - 5.0 * t.sin())).abs() < 1e-5);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x = vec![1.0f32, 2.0, 3.0, -1e9];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[3], 0.0);
+    }
+}
