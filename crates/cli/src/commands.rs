@@ -1,12 +1,12 @@
 use anyhow::{bail, Context, Result};
+use clap::Args;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
+use ternlm_gguf::GgufFile;
 use ternlm_kernels::ThreadPool;
 use ternlm_model::chat::{ChatTemplate, Message};
 use ternlm_model::{generate, GenerateOptions, Model, SamplingParams};
-use clap::Args;
-use std::path::PathBuf;
-use ternlm_gguf::GgufFile;
 use ternlm_tokenizer::Tokenizer;
 
 #[derive(Args)]
@@ -21,7 +21,13 @@ pub struct InfoArgs {
 pub fn info(a: InfoArgs) -> Result<()> {
     let f = GgufFile::open(&a.file)?;
     println!("file: {}", a.file.display());
-    println!("GGUF version {}, alignment {}, {} metadata keys, {} tensors", f.version, f.alignment, f.metadata().len(), f.tensors().len());
+    println!(
+        "GGUF version {}, alignment {}, {} metadata keys, {} tensors",
+        f.version,
+        f.alignment,
+        f.metadata().len(),
+        f.tensors().len()
+    );
     println!("\nmetadata:");
     for (k, v) in f.metadata() {
         println!("  {k:<44} {}", v.summary());
@@ -76,7 +82,6 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
@@ -106,7 +111,8 @@ impl ModelArgs {
         let file = Arc::new(GgufFile::open(&self.model)?);
         let tok = Tokenizer::from_gguf(&file, self.pre.as_deref())?;
         let model = Model::from_gguf(file)?;
-        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+        let threads =
+            self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let n_ctx = self.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(4096)).max(16);
         Ok(Loaded { model, tok, pool: ThreadPool::new(threads), n_ctx })
     }
@@ -206,7 +212,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let ids = prompt_tokens(&l, &text, parse_special);
     let mut kv = l.model.new_kv_cache(l.n_ctx, 1);
-    let opts = GenerateOptions { max_tokens: a.n_predict, sampling: a.s.params(), stop: a.s.stop.clone(), batch_size: 512 };
+    let opts =
+        GenerateOptions { max_tokens: a.n_predict, sampling: a.s.params(), stop: a.s.stop.clone(), batch_size: 512 };
     if !a.no_echo && !a.chat {
         emit(&a.prompt);
     }
@@ -250,7 +257,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
     let mut kv = l.model.new_kv_cache(l.n_ctx, 1);
     let mut params = a.s.params();
-    eprintln!("ternlm chat: {} ({}). Type a message; an empty line or Ctrl-D quits.", a.m.model.display(), l.model.cfg.arch);
+    eprintln!(
+        "ternlm chat: {} ({}). Type a message; an empty line or Ctrl-D quits.",
+        a.m.model.display(),
+        l.model.cfg.arch
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("\n> ");
@@ -262,10 +273,19 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         let text = tmpl.render(&msgs, true)?;
         let ids = prompt_tokens(&l, &text, true);
         if ids.len() + 8 >= l.n_ctx {
-            bail!("the conversation ({} tokens) no longer fits the context of {} tokens; restart with a larger -c", ids.len(), l.n_ctx);
+            bail!(
+                "the conversation ({} tokens) no longer fits the context of {} tokens; restart with a larger -c",
+                ids.len(),
+                l.n_ctx
+            );
         }
         params.seed = params.seed.wrapping_add(1);
-        let opts = GenerateOptions { max_tokens: a.n_predict, sampling: params.clone(), stop: a.s.stop.clone(), batch_size: 512 };
+        let opts = GenerateOptions {
+            max_tokens: a.n_predict,
+            sampling: params.clone(),
+            stop: a.s.stop.clone(),
+            batch_size: 512,
+        };
         let mut reply = String::new();
         generate(&l.model, &l.tok, &l.pool, &mut kv, 0, &ids, &opts, &mut |t| {
             reply.push_str(t);
@@ -296,7 +316,12 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let t0 = std::time::Instant::now();
     let tokens = l.tok.encode(&text, true, false);
-    eprintln!("perplexity: tokenized {} bytes into {} tokens in {:.2} s", text.len(), tokens.len(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "perplexity: tokenized {} bytes into {} tokens in {:.2} s",
+        text.len(),
+        tokens.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let n_ctx = l.n_ctx;
     let n_chunks = (tokens.len() / n_ctx).min(a.chunks.unwrap_or(usize::MAX));
     eprintln!("perplexity: calculating perplexity over {n_chunks} chunks, n_ctx={n_ctx}");
@@ -307,7 +332,11 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     })?;
     emit("\n");
     println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.stderr);
-    eprintln!("perplexity: {:.2} s ({:.1} tokens/s)", t1.elapsed().as_secs_f64(), (n_chunks * n_ctx) as f64 / t1.elapsed().as_secs_f64());
+    eprintln!(
+        "perplexity: {:.2} s ({:.1} tokens/s)",
+        t1.elapsed().as_secs_f64(),
+        (n_chunks * n_ctx) as f64 / t1.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -335,8 +364,11 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
         bail!("the prompt tokenizes to nothing");
     }
     let mut kv = l.model.new_kv_cache(l.n_ctx.max(ids.len() + 1), 1);
-    let batch: Vec<ternlm_model::BatchToken> =
-        ids.iter().enumerate().map(|(i, &t)| ternlm_model::BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+    let batch: Vec<ternlm_model::BatchToken> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| ternlm_model::BatchToken { token: t, pos: i, seq: 0, logits: true })
+        .collect();
     let logits = l.model.forward(&batch, &mut kv, &l.pool)?;
     let nv = l.model.cfg.n_vocab;
     let mut rows = Vec::new();

@@ -5,7 +5,11 @@ mod commands;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "ternlm", version, about = "Run, inspect and measure ternary (1.58-bit) and ordinary GGUF LLMs on the CPU")]
+#[command(
+    name = "ternlm",
+    version,
+    about = "Run, inspect and measure ternary (1.58-bit) and ordinary GGUF LLMs on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,

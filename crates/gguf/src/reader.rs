@@ -145,7 +145,10 @@ impl<'a> Cursor<'a> {
         let n = self.count(1, &|| format!("length of {}", what()))?;
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| {
-            self.err(ErrorKind::BadUtf8, format!("{} is not valid UTF-8 (at byte {} of the string)", what(), e.utf8_error().valid_up_to()))
+            self.err(
+                ErrorKind::BadUtf8,
+                format!("{} is not valid UTF-8 (at byte {} of the string)", what(), e.utf8_error().valid_up_to()),
+            )
         })
     }
 
@@ -162,7 +165,9 @@ impl<'a> Cursor<'a> {
             tid::BOOL => {
                 let b = self.array::<1>(&w)?[0];
                 if b > 1 {
-                    return Err(self.err(ErrorKind::BadValue, format!("key '{key}': bool byte is {b}, expected 0 or 1")));
+                    return Err(
+                        self.err(ErrorKind::BadValue, format!("key '{key}': bool byte is {b}, expected 0 or 1"))
+                    );
                 }
                 Value::Bool(b == 1)
             }
@@ -182,7 +187,9 @@ impl<'a> Cursor<'a> {
 
     fn array_value(&mut self, key: &str, depth: usize) -> Result<Array, GgufError> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.err(ErrorKind::TooLarge, format!("key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}")));
+            return Err(
+                self.err(ErrorKind::TooLarge, format!("key '{key}': arrays nested deeper than {MAX_ARRAY_DEPTH}"))
+            );
         }
         let ety = self.u32(&|| format!("array element type of key '{key}'"))?;
         let min = match ety {
@@ -224,7 +231,10 @@ impl<'a> Cursor<'a> {
             tid::BOOL => {
                 let bytes = self.take(n, &|| format!("array of key '{key}'"))?;
                 if let Some(i) = bytes.iter().position(|&b| b > 1) {
-                    return Err(self.err(ErrorKind::BadValue, format!("key '{key}': bool element {i} is {}, expected 0 or 1", bytes[i])));
+                    return Err(self.err(
+                        ErrorKind::BadValue,
+                        format!("key '{key}': bool element {i} is {}, expected 0 or 1", bytes[i]),
+                    ));
                 }
                 Array::Bool(bytes.iter().map(|&b| b == 1).collect())
             }
@@ -268,7 +278,9 @@ impl GgufFile {
         let mut c = Cursor { buf, pos: 0, path: &path };
         let magic = c.array::<4>(&|| "magic".into())?;
         if &magic != GGUF_MAGIC {
-            return Err(c.err(ErrorKind::BadMagic, format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\"")));
+            return Err(
+                c.err(ErrorKind::BadMagic, format!("not a GGUF file: magic is {magic:02x?}, expected \"GGUF\""))
+            );
         }
         let version = c.u32(&|| "version".into())?;
         match version {
@@ -277,7 +289,12 @@ impl GgufFile {
             v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
                 return Err(c.err(ErrorKind::UnsupportedVersion, "big-endian GGUF files are not supported"))
             }
-            v => return Err(c.err(ErrorKind::UnsupportedVersion, format!("GGUF version {v} is not supported (expected 2 or 3)"))),
+            v => {
+                return Err(c.err(
+                    ErrorKind::UnsupportedVersion,
+                    format!("GGUF version {v} is not supported (expected 2 or 3)"),
+                ))
+            }
         }
         // A tensor info is at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset) bytes; a KV at least 8+4+1.
         let n_tensors = c.count(24, &|| "tensor count".into())?;
@@ -314,7 +331,10 @@ impl GgufFile {
             let name = c.string(&|| format!("name of tensor {i}"))?;
             let n_dims = c.u32(&|| format!("n_dims of tensor '{name}'"))? as usize;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(c.err(ErrorKind::BadTensor, format!("tensor '{name}': n_dims is {n_dims}, expected 1..={MAX_DIMS}")));
+                return Err(c.err(
+                    ErrorKind::BadTensor,
+                    format!("tensor '{name}': n_dims is {n_dims}, expected 1..={MAX_DIMS}"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims);
             for d in 0..n_dims {
@@ -328,10 +348,10 @@ impl GgufFile {
             if dims.contains(&0) {
                 return Err(c.err(ErrorKind::BadTensor, format!("tensor '{name}': a dimension is 0 in {dims:?}")));
             }
-            let n_elements = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64))
-                .ok_or_else(|| c.err(ErrorKind::TooLarge, format!("tensor '{name}': element count of {dims:?} overflows")))?;
+            let n_elements =
+                dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|&n| n <= i64::MAX as u64)).ok_or_else(
+                    || c.err(ErrorKind::TooLarge, format!("tensor '{name}': element count of {dims:?} overflows")),
+                )?;
             let size = ty.tensor_bytes(dims[0], n_elements).ok_or_else(|| {
                 c.err(
                     ErrorKind::BadTensor,
@@ -343,7 +363,10 @@ impl GgufFile {
                 )
             })?;
             if offset % alignment != 0 {
-                return Err(c.err(ErrorKind::BadTensor, format!("tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}")));
+                return Err(c.err(
+                    ErrorKind::BadTensor,
+                    format!("tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}"),
+                ));
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(c.err(ErrorKind::BadTensor, format!("duplicate tensor name '{name}'")));
@@ -354,7 +377,10 @@ impl GgufFile {
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = buf.len() as u64;
         if n_tensors > 0 && data_offset > file_len {
-            return Err(c.err(ErrorKind::Truncated, format!("file ends at byte {file_len}, before the tensor data section at {data_offset}")));
+            return Err(c.err(
+                ErrorKind::Truncated,
+                format!("file ends at byte {file_len}, before the tensor data section at {data_offset}"),
+            ));
         }
         let data_len = file_len.saturating_sub(data_offset);
         for t in &tensors {
@@ -369,7 +395,7 @@ impl GgufFile {
                 ));
             }
         }
-        drop(c);
+
         Ok(GgufFile { path, storage, version, alignment, data_offset, metadata, meta_index, tensors, tensor_index })
     }
 
@@ -411,31 +437,54 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
         self.get(key)
-            .map(|v| v.as_u64().ok_or_else(|| self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a non-negative integer", v.summary()))))
+            .map(|v| {
+                v.as_u64().ok_or_else(|| {
+                    self.err(
+                        ErrorKind::BadValue,
+                        format!("key '{key}' is {}, expected a non-negative integer", v.summary()),
+                    )
+                })
+            })
             .transpose()
     }
 
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a number", v.summary()))))
+            .map(|v| {
+                v.as_f64().ok_or_else(|| {
+                    self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a number", v.summary()))
+                })
+            })
             .transpose()
     }
 
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>, GgufError> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a bool", v.summary()))))
+            .map(|v| {
+                v.as_bool().ok_or_else(|| {
+                    self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a bool", v.summary()))
+                })
+            })
             .transpose()
     }
 
     pub fn get_str(&self, key: &str) -> Result<Option<&str>, GgufError> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a string", v.summary()))))
+            .map(|v| {
+                v.as_str().ok_or_else(|| {
+                    self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected a string", v.summary()))
+                })
+            })
             .transpose()
     }
 
     pub fn get_array(&self, key: &str) -> Result<Option<&Array>, GgufError> {
         self.get(key)
-            .map(|v| v.as_array().ok_or_else(|| self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected an array", v.summary()))))
+            .map(|v| {
+                v.as_array().ok_or_else(|| {
+                    self.err(ErrorKind::BadValue, format!("key '{key}' is {}, expected an array", v.summary()))
+                })
+            })
             .transpose()
     }
 

@@ -210,7 +210,7 @@ impl GgmlType {
     /// row length is not a multiple of the block size or the size overflows.
     pub fn tensor_bytes(self, row_len: u64, n_elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if row_len % bs != 0 {
+        if !row_len.is_multiple_of(bs) {
             return None;
         }
         let body = (n_elements / bs).checked_mul(self.block_bytes() as u64)?;

@@ -48,7 +48,13 @@ impl<'a> GgufWriter<'a> {
     }
 
     /// Adds a tensor; `dims` are in ggml order (row length first). The data size is checked against the type.
-    pub fn add_tensor(&mut self, name: impl Into<String>, ty: GgmlType, dims: &[u64], data: impl Into<Cow<'a, [u8]>>) -> Result<&mut Self, GgufError> {
+    pub fn add_tensor(
+        &mut self,
+        name: impl Into<String>,
+        ty: GgmlType,
+        dims: &[u64],
+        data: impl Into<Cow<'a, [u8]>>,
+    ) -> Result<&mut Self, GgufError> {
         let name = name.into();
         let data = data.into();
         let here = Path::new("<gguf writer>");
@@ -56,7 +62,13 @@ impl<'a> GgufWriter<'a> {
         let expected = ty
             .tensor_bytes(dims.first().copied().unwrap_or(0), n)
             .filter(|_| !dims.is_empty() && dims.len() <= crate::MAX_DIMS)
-            .ok_or_else(|| GgufError::new(here, ErrorKind::BadTensor, format!("tensor '{name}': dims {dims:?} are not valid for {ty}")))?;
+            .ok_or_else(|| {
+                GgufError::new(
+                    here,
+                    ErrorKind::BadTensor,
+                    format!("tensor '{name}': dims {dims:?} are not valid for {ty}"),
+                )
+            })?;
         if expected != data.len() as u64 {
             return Err(GgufError::new(
                 here,

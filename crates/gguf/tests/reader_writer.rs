@@ -25,7 +25,14 @@ fn sample_file() -> Vec<u8> {
         .set("i64", Value::I64(i64::MIN))
         .set("f64", Value::F64(-2.25))
         .set("strings", Value::Array(Array::String(vec!["a".into(), "ü".into(), "".into()])))
-        .set("nested", Value::Array(Array::Array(vec![Array::I32(vec![1, 2]), Array::String(vec!["x".into()]), Array::Array(vec![])])));
+        .set(
+            "nested",
+            Value::Array(Array::Array(vec![
+                Array::I32(vec![1, 2]),
+                Array::String(vec!["x".into()]),
+                Array::Array(vec![]),
+            ])),
+        );
     let f32s: Vec<u8> = (0..64).flat_map(|i| (i as f32).to_le_bytes()).collect();
     w.add_tensor("a.weight", GgmlType::F32, &[8, 8], f32s).unwrap();
     w.add_tensor("q.weight", GgmlType::Q8_0, &[32, 2], vec![0u8; 68]).unwrap();

@@ -77,7 +77,7 @@ impl QuantizedActs {
 
     /// Quantizes `n_rows` rows of length `k` from `x` (row-major).
     pub fn quantize(ty: ActType, x: &[f32], k: usize) -> QuantizedActs {
-        assert!(k % ty.block() == 0 && x.len() % k == 0, "activation rows of {k} do not fit {ty:?}");
+        assert!(k.is_multiple_of(ty.block()) && x.len().is_multiple_of(k), "activation rows of {k} do not fit {ty:?}");
         let n_rows = x.len() / k;
         let rb = ty.row_bytes(k);
         let mut data = vec![0u8; rb * n_rows];

@@ -371,7 +371,7 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
 
 /// Per-block integer kernels, exposed for the scalar-equality tests.
 #[doc(hidden)]
-pub(crate) fn block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)> {
+pub(crate) fn block_isum(ty: GgmlType) -> Option<crate::dot::BlockIsum> {
     use GgmlType::*;
     macro_rules! one {
         ($f:ident) => {{
@@ -379,7 +379,7 @@ pub(crate) fn block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)>
                 // SAFETY: only called by tests after feature detection.
                 (unsafe { $f(w, a) }, 0)
             }
-            g as fn(&[u8], &[u8]) -> (i32, i32)
+            g as crate::dot::BlockIsum
         }};
     }
     macro_rules! two {
@@ -388,7 +388,7 @@ pub(crate) fn block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)>
                 // SAFETY: only called by tests after feature detection.
                 unsafe { $f(w, a) }
             }
-            g as fn(&[u8], &[u8]) -> (i32, i32)
+            g as crate::dot::BlockIsum
         }};
     }
     Some(match ty {

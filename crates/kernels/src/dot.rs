@@ -6,6 +6,9 @@ use crate::{scalar, ActType, GgmlType, UnsupportedType};
 /// per-tensor scale (used by I2_S only).
 pub type RowDot = fn(&[u8], &[u8], usize, f32) -> f32;
 
+/// A per-block integer kernel: (weight block, activation block) → (main sum, secondary sum such as Σ min·bsum).
+pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Scalar,
@@ -82,7 +85,7 @@ fn scalar_dot(ty: GgmlType) -> Result<RowDot, UnsupportedType> {
 
 /// AVX2 per-block integer sums, for tests that hold them equal to the scalar ones. `None` without AVX2.
 #[doc(hidden)]
-pub fn simd_block_isum(ty: GgmlType) -> Option<fn(&[u8], &[u8]) -> (i32, i32)> {
+pub fn simd_block_isum(ty: GgmlType) -> Option<BlockIsum> {
     #[cfg(target_arch = "x86_64")]
     if Backend::detect() == Backend::Avx2 {
         return crate::avx2::block_isum(ty);

@@ -54,11 +54,19 @@ impl QMatrix {
         Self::with_backend(ty, data, rows, cols, Backend::detect())
     }
 
-    pub fn with_backend(ty: GgmlType, data: WeightBytes, rows: usize, cols: usize, backend: Backend) -> Result<QMatrix, String> {
+    pub fn with_backend(
+        ty: GgmlType,
+        data: WeightBytes,
+        rows: usize,
+        cols: usize,
+        backend: Backend,
+    ) -> Result<QMatrix, String> {
         let kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
         let block = ty.block_size().max(kernels.act.block());
-        if cols % block != 0 {
-            return Err(format!("{ty} matrix with rows of {cols} weights: the row length must be a multiple of {block}"));
+        if !cols.is_multiple_of(block) {
+            return Err(format!(
+                "{ty} matrix with rows of {cols} weights: the row length must be a multiple of {block}"
+            ));
         }
         let expected = ty.tensor_bytes(cols as u64, (rows * cols) as u64).unwrap_or(u64::MAX);
         if data.as_slice().len() as u64 != expected {

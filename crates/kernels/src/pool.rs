@@ -54,7 +54,10 @@ impl ThreadPool {
         let workers = (1..n_threads.max(1))
             .map(|i| {
                 let s = shared.clone();
-                std::thread::Builder::new().name(format!("ternlm-worker-{i}")).spawn(move || worker(&s)).expect("spawn worker")
+                std::thread::Builder::new()
+                    .name(format!("ternlm-worker-{i}"))
+                    .spawn(move || worker(&s))
+                    .expect("spawn worker")
             })
             .collect();
         ThreadPool { shared, workers, run_lock: Mutex::new(()) }

@@ -17,9 +17,10 @@ pub fn dequantize_row(ty: GgmlType, w: &[u8], out: &mut [f32], i2s_scale: f32) -
     match ty {
         F32 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f32_at(w, 4 * i)),
         F16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f16_at(w, 2 * i)),
-        BF16 => out.iter_mut().enumerate().for_each(|(i, o)| {
-            *o = f32::from_bits((u16::from_le_bytes([w[2 * i], w[2 * i + 1]]) as u32) << 16)
-        }),
+        BF16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32::from_bits((u16::from_le_bytes([w[2 * i], w[2 * i + 1]]) as u32) << 16)),
         _ => {
             for (b, y) in w.chunks_exact(bb).zip(out.chunks_exact_mut(bs)) {
                 match ty {
@@ -277,7 +278,8 @@ pub fn isum_q4_k(w: &[u8], a: &[u8]) -> (i32, i32) {
         for h in 0..2 {
             let (sc, mn) = scale_min_k4(2 * g + h, scales);
             let base = 4 + 64 * g + 32 * h;
-            let dot: i32 = (0..32).map(|l| (if h == 0 { q[l] & 0xF } else { q[l] >> 4 }) as i32 * a8(a, base + l)).sum();
+            let dot: i32 =
+                (0..32).map(|l| (if h == 0 { q[l] & 0xF } else { q[l] >> 4 }) as i32 * a8(a, base + l)).sum();
             s += sc as i32 * dot;
             m += mn as i32 * q8k_bsum32(a, 2 * g + h);
         }

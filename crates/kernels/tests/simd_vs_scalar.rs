@@ -158,9 +158,10 @@ fn dequantize_act(ty: ActType, a: &[u8], out: &mut [f32]) {
     match ty {
         ActType::F32 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f32_at(a, 4 * i)),
         ActType::F16 => out.iter_mut().enumerate().for_each(|(i, o)| *o = f16_at(a, 2 * i)),
-        ActType::BF16 => out.iter_mut().enumerate().for_each(|(i, o)| {
-            *o = f32::from_bits((u16::from_le_bytes([a[2 * i], a[2 * i + 1]]) as u32) << 16)
-        }),
+        ActType::BF16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32::from_bits((u16::from_le_bytes([a[2 * i], a[2 * i + 1]]) as u32) << 16)),
         ActType::Q8_0 | ActType::Q8_1 => {
             let (bb, q0) = if ty == ActType::Q8_0 { (34, 2) } else { (36, 4) };
             for (b, o) in a.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {

@@ -81,11 +81,17 @@ impl ModelConfig {
             None => n_embd / n_head,
         };
         if n_head_kv == 0 || n_head % n_head_kv != 0 || head_dim == 0 || head_dim % 2 != 0 {
-            bail!("{}: {n_head} heads / {n_head_kv} KV heads / head dim {head_dim} is not a valid attention shape", f.path().display());
+            bail!(
+                "{}: {n_head} heads / {n_head_kv} KV heads / head dim {head_dim} is not a valid attention shape",
+                f.path().display()
+            );
         }
         let rope_dim = f.get_u64(&key("rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
         if rope_dim > head_dim || rope_dim % 2 != 0 {
-            bail!("{}: rope.dimension_count {rope_dim} must be even and at most the head dim {head_dim}", f.path().display());
+            bail!(
+                "{}: rope.dimension_count {rope_dim} must be even and at most the head dim {head_dim}",
+                f.path().display()
+            );
         }
         let rope_base = f.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32;
         let rope_freq_scale = match (f.get_str(&key("rope.scaling.type"))?, f.get_f64(&key("rope.scaling.factor"))?) {

@@ -9,10 +9,10 @@ use crate::config::{FfnActivation, ModelConfig, RopeStyle};
 use crate::kv::KvCache;
 use crate::ops::{self, Disjoint};
 use anyhow::{bail, Context, Result};
+use half::f16;
 use std::path::Path;
 use std::sync::Arc;
 use ternlm_gguf::{GgmlType, GgufFile};
-use half::f16;
 use ternlm_kernels::attn::{dot_f16_f32, mad_f16, scale_f16};
 use ternlm_kernels::matmul::WeightBytes;
 use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
@@ -186,9 +186,12 @@ impl Model {
             });
         }
         let output_norm = l.vector("output_norm.weight", d)?;
-        let output = if !cfg.force_tied_head && l.has("output.weight") { Some(l.matrix("output.weight", d, cfg.n_vocab)?) } else { None };
+        let output = if !cfg.force_tied_head && l.has("output.weight") {
+            Some(l.matrix("output.weight", d, cfg.n_vocab)?)
+        } else {
+            None
+        };
         let rope_freqs = l.opt_vector("rope_freqs.weight", cfg.rope_dim / 2)?;
-        drop(l);
         Ok(Model { cfg, file: f, tok_embd, layers, output_norm, output, rope_freqs })
     }
 
@@ -222,7 +225,9 @@ impl Model {
         }
         let rope: Vec<Vec<(f32, f32)>> = batch
             .iter()
-            .map(|bt| ops::rope_cos_sin(bt.pos, cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, self.rope_freqs.as_deref()))
+            .map(|bt| {
+                ops::rope_cos_sin(bt.pos, cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, self.rope_freqs.as_deref())
+            })
             .collect();
         let neox = cfg.rope_style == RopeStyle::Neox;
 
@@ -317,7 +322,12 @@ impl Model {
             }
             let expected = next[bt.seq].unwrap_or(kv.seq_len(bt.seq));
             if bt.pos > expected || (next[bt.seq].is_some() && bt.pos != expected) {
-                bail!("sequence {}: position {} does not follow position {} (batch positions must be consecutive)", bt.seq, bt.pos, expected);
+                bail!(
+                    "sequence {}: position {} does not follow position {} (batch positions must be consecutive)",
+                    bt.seq,
+                    bt.pos,
+                    expected
+                );
             }
             next[bt.seq] = Some(bt.pos + 1);
         }
@@ -329,7 +339,15 @@ impl Model {
     /// The arithmetic follows llama.cpp's CPU flash attention (its default), so that greedy outputs agree token for
     /// token: Q is rounded to f16 before the K·Q dots, the softmax is computed online, and the weighted V sum is
     /// kept in an f16 accumulator that is rescaled whenever the running maximum grows.
-    fn attention(&self, batch: &[BatchToken], layer: usize, q: &[f32], kv: &KvCache, out: &mut [f32], pool: &ThreadPool) {
+    fn attention(
+        &self,
+        batch: &[BatchToken],
+        layer: usize,
+        q: &[f32],
+        kv: &KvCache,
+        out: &mut [f32],
+        pool: &ThreadPool,
+    ) {
         let cfg = &self.cfg;
         let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
         let group = cfg.n_head / cfg.n_head_kv;
@@ -341,7 +359,8 @@ impl Model {
             let bt = batch[t];
             let (kc, vc) = kv.layer(bt.seq, layer);
             let kvh = h / group;
-            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let qh: Vec<f32> =
+                q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
             let mut acc = vec![f16::ZERO; hd];
             let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
             for p in 0..=bt.pos {

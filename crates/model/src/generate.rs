@@ -57,7 +57,9 @@ impl StopFilter {
     /// Returns (text safe to emit, whether a stop string was found).
     fn push(&mut self, s: &str) -> (String, bool) {
         self.pending.push_str(s);
-        if let Some(pos) = self.stops.iter().filter(|st| !st.is_empty()).filter_map(|st| self.pending.find(st.as_str())).min() {
+        if let Some(pos) =
+            self.stops.iter().filter(|st| !st.is_empty()).filter_map(|st| self.pending.find(st.as_str())).min()
+        {
             let out = self.pending[..pos].to_string();
             self.pending.clear();
             return (out, true);
@@ -65,7 +67,12 @@ impl StopFilter {
         let hold = self
             .stops
             .iter()
-            .map(|st| (1..st.len().min(self.pending.len() + 1)).rev().find(|&k| st.is_char_boundary(k) && self.pending.ends_with(&st[..k])).unwrap_or(0))
+            .map(|st| {
+                (1..st.len().min(self.pending.len() + 1))
+                    .rev()
+                    .find(|&k| st.is_char_boundary(k) && self.pending.ends_with(&st[..k]))
+                    .unwrap_or(0)
+            })
             .max()
             .unwrap_or(0);
         let cut = self.pending.len() - hold;
@@ -89,7 +96,12 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerateStats> {
     anyhow::ensure!(!prompt.is_empty(), "the prompt is empty (no tokens to start from)");
-    anyhow::ensure!(prompt.len() < kv.n_ctx, "the prompt has {} tokens but the context holds {}", prompt.len(), kv.n_ctx);
+    anyhow::ensure!(
+        prompt.len() < kv.n_ctx,
+        "the prompt has {} tokens but the context holds {}",
+        prompt.len(),
+        kv.n_ctx
+    );
     kv.truncate(seq, 0);
     let t0 = Instant::now();
     let mut logits = Vec::new();
@@ -150,7 +162,14 @@ pub fn generate(
             on_text(&rest);
         }
     }
-    Ok(GenerateStats { n_prompt: prompt.len(), n_generated: generated.len(), prompt_time, gen_time: t1.elapsed(), finish, tokens: generated })
+    Ok(GenerateStats {
+        n_prompt: prompt.len(),
+        n_generated: generated.len(),
+        prompt_time,
+        gen_time: t1.elapsed(),
+        finish,
+        tokens: generated,
+    })
 }
 
 #[cfg(test)]

@@ -50,7 +50,13 @@ pub fn rope(x: &mut [f32], cos_sin: &[(f32, f32)], neox: bool) {
 }
 
 /// ggml's rope cache: θ starts at the (scaled) position and is multiplied by base^(-2/d) per pair, in f32.
-pub fn rope_cos_sin(pos: usize, rope_dim: usize, base: f32, freq_scale: f32, freq_factors: Option<&[f32]>) -> Vec<(f32, f32)> {
+pub fn rope_cos_sin(
+    pos: usize,
+    rope_dim: usize,
+    base: f32,
+    freq_scale: f32,
+    freq_factors: Option<&[f32]>,
+) -> Vec<(f32, f32)> {
     let theta_scale = base.powf(-2.0 / rope_dim as f32);
     let mut theta = pos as f32;
     (0..rope_dim / 2)

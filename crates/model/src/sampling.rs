@@ -20,7 +20,15 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// llama.cpp's defaults.
     fn default() -> Self {
-        SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
@@ -173,9 +181,23 @@ mod tests {
         // With min_p = 0.5, only tokens within ln(2) of the best logit survive.
         let logits = [10.0f32, 9.5, 0.0, -1.0];
         for seed in 0..50 {
-            let mut s = Sampler::new(SamplingParams { seed, temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.5, ..Default::default() });
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.5,
+                ..Default::default()
+            });
             assert!(s.sample(&logits, &[]) < 2);
-            let mut s = Sampler::new(SamplingParams { seed, temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() });
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.5,
+                min_p: 0.0,
+                ..Default::default()
+            });
             assert_eq!(s.sample(&logits, &[]), 0);
         }
     }

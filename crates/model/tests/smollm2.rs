@@ -27,7 +27,10 @@ fn model_path() -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var("TERNLM_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("\n*** SKIPPED: {} is missing and TERNLM_SKIP_MODEL_TESTS=1 — SmolLM2 checks did NOT run ***\n", p.display());
+        eprintln!(
+            "\n*** SKIPPED: {} is missing and TERNLM_SKIP_MODEL_TESTS=1 — SmolLM2 checks did NOT run ***\n",
+            p.display()
+        );
         return None;
     }
     panic!("{} is missing: run scripts/fetch-models.sh (or set TERNLM_SKIP_MODEL_TESTS=1 to skip loudly)", p.display());
@@ -62,7 +65,8 @@ fn tokenizer_cases_match_llama_cpp() {
     while lines.len() > texts.len() && lines.last() == Some(&"") {
         lines.pop();
     }
-    let want: Vec<Vec<u32>> = lines.iter().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
+    let want: Vec<Vec<u32>> =
+        lines.iter().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(texts.len(), want.len());
     for (t, w) in texts.iter().zip(&want) {
         assert_eq!(&e.tok.encode(t, false, false), w, "{t:?}");
@@ -92,15 +96,18 @@ fn greedy_32_tokens_match_llama_cpp() {
 #[test]
 fn perplexity_first_chunks_match_llama_cpp() {
     let Some(e) = load() else { return };
-    let reference = std::fs::read_to_string(shared().join("reference/smollm2/perplexity-wikitext-c512-40chunks.txt")).unwrap();
+    let reference =
+        std::fs::read_to_string(shared().join("reference/smollm2/perplexity-wikitext-c512-40chunks.txt")).unwrap();
     let line = reference.lines().find(|l| l.starts_with("[1]")).expect("per-chunk line");
-    let want: Vec<f64> = line.split(',').filter(|s| !s.is_empty()).map(|s| s.split(']').nth(1).unwrap().parse().unwrap()).collect();
+    let want: Vec<f64> =
+        line.split(',').filter(|s| !s.is_empty()).map(|s| s.split(']').nth(1).unwrap().parse().unwrap()).collect();
     assert_eq!(want.len(), 40);
     let text = std::fs::read_to_string(shared().join("data/text/wikitext-2-raw-test.txt")).unwrap();
     let tokens = e.tok.encode(&text, true, false);
     let n_chunks = 3;
     let bos = if e.tok.add_bos { e.tok.bos } else { None };
-    let r = ternlm_model::perplexity::perplexity(&e.model, &e.pool, &tokens, 512, Some(n_chunks), bos, |_, _| {}).unwrap();
+    let r =
+        ternlm_model::perplexity::perplexity(&e.model, &e.pool, &tokens, 512, Some(n_chunks), bos, |_, _| {}).unwrap();
     for (i, (got, want)) in r.running.iter().zip(&want).enumerate() {
         let rel = (got - want).abs() / want;
         eprintln!("[{}] ternlm {got:.4} llama.cpp {want:.4} ({:.3}%)", i + 1, rel * 100.0);
@@ -116,14 +123,23 @@ fn batched_sequences_equal_separate_runs() {
     let b = e.tok.encode("The quick brown fox jumps", true, false);
     let run_alone = |ids: &[u32]| {
         let mut kv = e.model.new_kv_cache(64, 1);
-        let batch: Vec<BatchToken> = ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: i + 1 == ids.len() }).collect();
+        let batch: Vec<BatchToken> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: i + 1 == ids.len() })
+            .collect();
         e.model.forward(&batch, &mut kv, &e.pool).unwrap()
     };
     let (la, lb) = (run_alone(&a), run_alone(&b));
     let mut kv = e.model.new_kv_cache(64, 2);
     let mut batch = Vec::new();
     for (seq, ids) in [(0, &a), (1, &b)] {
-        batch.extend(ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq, logits: i + 1 == ids.len() }));
+        batch.extend(ids.iter().enumerate().map(|(i, &t)| BatchToken {
+            token: t,
+            pos: i,
+            seq,
+            logits: i + 1 == ids.len(),
+        }));
     }
     let both = e.model.forward(&batch, &mut kv, &e.pool).unwrap();
     let nv = e.model.cfg.n_vocab;

@@ -10,7 +10,8 @@ pub struct HfTokenizer {
 impl HfTokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<HfTokenizer, TokenizerError> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError(format!("{}: {e}", path.display())))?;
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError(format!("{}: {e}", path.display())))?;
         Ok(HfTokenizer { inner })
     }
 

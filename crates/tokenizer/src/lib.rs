@@ -96,7 +96,10 @@ impl Tokenizer {
     pub fn from_gguf(f: &GgufFile, pre_override: Option<&str>) -> Result<Tokenizer, TokenizerError> {
         let e = |m: String| TokenizerError(format!("{}: {m}", f.path().display()));
         let ge = |err: ternlm_gguf::GgufError| TokenizerError(err.to_string());
-        let model = f.get_str("tokenizer.ggml.model").map_err(ge)?.ok_or_else(|| e("missing key 'tokenizer.ggml.model' (this GGUF has no vocabulary)".into()))?;
+        let model = f
+            .get_str("tokenizer.ggml.model")
+            .map_err(ge)?
+            .ok_or_else(|| e("missing key 'tokenizer.ggml.model' (this GGUF has no vocabulary)".into()))?;
         let kind = match model {
             "llama" => VocabKind::Spm,
             "gpt2" => VocabKind::Bpe,
@@ -113,7 +116,10 @@ impl Tokenizer {
             return Err(e(format!("key 'tokenizer.ggml.tokens' has {n} entries")));
         }
         let scores = match f.get_array("tokenizer.ggml.scores").map_err(ge)? {
-            Some(a) => a.to_f32_vec().filter(|v| v.len() == n).ok_or_else(|| e(format!("key 'tokenizer.ggml.scores' must be {n} numbers")))?,
+            Some(a) => a
+                .to_f32_vec()
+                .filter(|v| v.len() == n)
+                .ok_or_else(|| e(format!("key 'tokenizer.ggml.scores' must be {n} numbers")))?,
             None => vec![0.0; n],
         };
         let types = match f.get_array("tokenizer.ggml.token_type").map_err(ge)? {
@@ -168,11 +174,10 @@ impl Tokenizer {
                     None => f.get_str("tokenizer.ggml.pre").map_err(ge)?,
                 };
                 let pre = PreTokenizer::from_name(pre).map_err(e)?;
-                let merges = f
-                    .get_array("tokenizer.ggml.merges")
-                    .map_err(ge)?
-                    .and_then(|a| a.as_strings())
-                    .ok_or_else(|| e("BPE vocabulary without 'tokenizer.ggml.merges' (expected an array of strings)".into()))?;
+                let merges =
+                    f.get_array("tokenizer.ggml.merges").map_err(ge)?.and_then(|a| a.as_strings()).ok_or_else(
+                        || e("BPE vocabulary without 'tokenizer.ggml.merges' (expected an array of strings)".into()),
+                    )?;
                 let add_bos = pre.default_add_bos;
                 (Some(bpe::Bpe::new(pre, merges, &token_to_id)), add_bos)
             }
@@ -180,17 +185,37 @@ impl Tokenizer {
         };
         let add_bos = f.get_bool("tokenizer.ggml.add_bos_token").map_err(ge)?.unwrap_or(default_add_bos);
         let add_eos = f.get_bool("tokenizer.ggml.add_eos_token").map_err(ge)?.unwrap_or(false);
-        let add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix").map_err(ge)?.unwrap_or(kind == VocabKind::Spm);
+        let add_space_prefix =
+            f.get_bool("tokenizer.ggml.add_space_prefix").map_err(ge)?.unwrap_or(kind == VocabKind::Spm);
 
         // llama.cpp finds end-of-turn tokens by their text when the file does not name them.
         const EOG_TEXTS: [&str; 12] = [
-            "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
-            "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<|return|>",
+            "<|call|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|eom_id|>",
+            "<EOT>",
+            "_<EOT>",
+            "<|end_of_text|>",
+            "<end_of_utterance>",
         ];
         let eot = eot_key.or_else(|| {
-            ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>", "<|end_of_text|>"]
-                .iter()
-                .find_map(|t| token_to_id.get(*t).copied())
+            [
+                "<|eot_id|>",
+                "<|im_end|>",
+                "<|end|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+                "<EOT>",
+                "_<EOT>",
+                "<|end_of_text|>",
+            ]
+            .iter()
+            .find_map(|t| token_to_id.get(*t).copied())
         });
         let mut eog: Vec<TokenId> = EOG_TEXTS.iter().filter_map(|t| token_to_id.get(*t).copied()).collect();
         eog.extend([eos, eot, eom].into_iter().flatten());
@@ -350,7 +375,9 @@ impl Tokenizer {
                 Vec::new()
             }
             TokenType::Control | TokenType::Unknown | TokenType::UserDefined => text.as_bytes().to_vec(),
-            TokenType::Byte if self.kind == VocabKind::Spm => spm::byte_token_value(text).map(|b| vec![b]).unwrap_or_default(),
+            TokenType::Byte if self.kind == VocabKind::Spm => {
+                spm::byte_token_value(text).map(|b| vec![b]).unwrap_or_default()
+            }
             _ => match self.kind {
                 VocabKind::Spm => text.replace('\u{2581}', " ").into_bytes(),
                 VocabKind::Bpe => {

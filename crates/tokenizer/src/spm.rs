@@ -92,7 +92,15 @@ fn try_add<'t>(
     }
 }
 
-fn resegment(tok: &Tokenizer, text: &str, syms: &[Sym], rev: &HashMap<&str, (usize, usize)>, start: usize, n: usize, out: &mut Vec<TokenId>) {
+fn resegment(
+    tok: &Tokenizer,
+    text: &str,
+    syms: &[Sym],
+    rev: &HashMap<&str, (usize, usize)>,
+    start: usize,
+    n: usize,
+    out: &mut Vec<TokenId>,
+) {
     let s = &text[start..start + n];
     if let Some(id) = tok.token_id(s) {
         out.push(id);

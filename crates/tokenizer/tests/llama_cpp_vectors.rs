@@ -24,7 +24,8 @@ fn cases(vocab: &str) -> Vec<(String, Vec<u32>)> {
     if texts.last() == Some(&"") {
         texts.pop();
     }
-    let ids: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().expect("id")).collect()).collect();
+    let ids: Vec<Vec<u32>> =
+        out.lines().map(|l| l.split_whitespace().map(|t| t.parse().expect("id")).collect()).collect();
     assert_eq!(texts.len(), ids.len(), "{vocab}: case count");
     texts.into_iter().map(String::from).zip(ids).collect()
 }
@@ -77,7 +78,8 @@ fn mpt() {
 
 /// The HF tokenizer.json files give the same ids as the GGUF vocabularies (and so as llama.cpp) on every case.
 fn check_hf(hf_dir: &str, vocab: &str) {
-    let hf = HfTokenizer::from_file(shared().join("fixtures/tokenizer/hf").join(hf_dir).join("tokenizer.json")).expect("load tokenizer.json");
+    let hf = HfTokenizer::from_file(shared().join("fixtures/tokenizer/hf").join(hf_dir).join("tokenizer.json"))
+        .expect("load tokenizer.json");
     let f = GgufFile::open(vectors_dir().join(format!("ggml-vocab-{vocab}.gguf"))).unwrap();
     let tok = Tokenizer::from_gguf(&f, None).unwrap();
     for (text, want) in cases(vocab) {
