@@ -25,6 +25,13 @@ unsafe fn load16(b: &[u8]) -> __m128i {
     unsafe { _mm_loadu_si128(b.as_ptr() as *const __m128i) }
 }
 
+/// Exact f16 load with the F16C instruction (same value as `half`'s conversion).
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn h16(b: &[u8], i: usize) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([b[i], b[i + 1]]) as i32)))
+}
+
 #[inline(always)]
 unsafe fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -319,6 +326,80 @@ unsafe fn dot_bf16_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
     s
 }
 
+/// One weight row against four activation rows: each 32-weight block is unpacked once and used four times. Every
+/// lane accumulates its blocks in the same order as the single-row dot, so results are bit-identical to it.
+#[inline(always)]
+unsafe fn dot4_blocks<const WB: usize, const AB: usize, const AOFF: usize, const SIGNED: bool>(
+    w: &[u8],
+    a: [&[u8]; 4],
+    unpack: impl Fn(&[u8]) -> __m256i,
+    epi: impl Fn(&[u8], &[u8], i32) -> f32,
+) -> [f32; 4] {
+    let mut acc = [0f32; 4];
+    for (bi, wb) in w.chunks_exact(WB).enumerate() {
+        let x = unpack(wb);
+        let ux = if SIGNED { _mm256_sign_epi8(x, x) } else { x };
+        for j in 0..4 {
+            let ab = &a[j][bi * AB..(bi + 1) * AB];
+            let y = load(&ab[AOFF..]);
+            let y = if SIGNED { _mm256_sign_epi8(y, x) } else { y };
+            acc[j] += epi(wb, ab, hsum_i32(mul_sum_us8(ux, y)));
+        }
+    }
+    acc
+}
+
+/// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
+pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
+    use GgmlType::*;
+    macro_rules! four {
+        ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, |$w:ident| $unpack:expr, $epi:ident) => {{
+            fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                    dot4_blocks::<$wb, $ab, $aoff, $signed>(
+                        w,
+                        a,
+                        |$w| $unpack,
+                        |x, y, i| $epi(x, y, i, |b, o| h16(b, o)),
+                    )
+                }
+                // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
+                unsafe { inner(w, a) }
+            }
+            f as crate::dot::RowDot4
+        }};
+    }
+    Some(match ty {
+        Q4_0 => four!(18, 34, 2, true, |w| _mm256_sub_epi8(nibbles_32(&w[2..]), _mm256_set1_epi8(8)), epi_q8_0_with),
+        Q8_0 => four!(34, 34, 2, true, |w| load(&w[2..]), epi_q8_0_with),
+        Q5_0 => four!(
+            22,
+            34,
+            2,
+            true,
+            |w| {
+                let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
+                _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
+            },
+            epi_q8_0_with
+        ),
+        Q4_1 => four!(20, 36, 4, false, |w| nibbles_32(&w[4..]), epi_q8_1_with),
+        Q5_1 => four!(
+            24,
+            36,
+            4,
+            false,
+            |w| {
+                let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
+                _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)))
+            },
+            epi_q8_1_with
+        ),
+        _ => return None,
+    })
+}
+
 /// The AVX2 row dot for `ty`; `None` for types without one. Callers must have checked AVX2, FMA and F16C.
 pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
     use GgmlType::*;
@@ -354,16 +435,16 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
         F32 => whole!(|w, a, k, _s| dot_f32_avx2(w, a, k)),
         F16 => whole!(|w, a, k, _s| dot_f16_avx2(w, a, k)),
         BF16 => whole!(|w, a, k, _s| dot_bf16_avx2(w, a, k)),
-        Q4_0 => blocks!(18, 34, |x, y| epi_q8_0(x, y, isum_q4_0_avx2(x, y))),
-        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0(x, y, isum_q5_0_avx2(x, y))),
-        Q8_0 => blocks!(34, 34, |x, y| epi_q8_0(x, y, isum_q8_0_avx2(x, y))),
-        Q4_1 => blocks!(20, 36, |x, y| epi_q8_1(x, y, isum_q4_1_avx2(x, y))),
-        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1(x, y, isum_q5_1_avx2(x, y))),
-        Q4_K => blocks!(144, 292, |x, y| epi_k_min(x, y, isum_q4_k_avx2(x, y))),
-        Q5_K => blocks!(176, 292, |x, y| epi_k_min(x, y, isum_q5_k_avx2(x, y))),
-        Q6_K => blocks!(210, 292, |x, y| epi_k(f16_at(x, 208), y, isum_q6_k_avx2(x, y))),
-        TQ1_0 => blocks!(54, 292, |x, y| epi_k(f16_at(x, 52), y, isum_tq1_0_avx2(x, y))),
-        TQ2_0 => blocks!(66, 292, |x, y| epi_k(f16_at(x, 64), y, isum_tq2_0_avx2(x, y))),
+        Q4_0 => blocks!(18, 34, |x, y| epi_q8_0_with(x, y, isum_q4_0_avx2(x, y), |b, i| h16(b, i))),
+        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0_with(x, y, isum_q5_0_avx2(x, y), |b, i| h16(b, i))),
+        Q8_0 => blocks!(34, 34, |x, y| epi_q8_0_with(x, y, isum_q8_0_avx2(x, y), |b, i| h16(b, i))),
+        Q4_1 => blocks!(20, 36, |x, y| epi_q8_1_with(x, y, isum_q4_1_avx2(x, y), |b, i| h16(b, i))),
+        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1_with(x, y, isum_q5_1_avx2(x, y), |b, i| h16(b, i))),
+        Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, isum_q4_k_avx2(x, y), |b, i| h16(b, i))),
+        Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, isum_q5_k_avx2(x, y), |b, i| h16(b, i))),
+        Q6_K => blocks!(210, 292, |x, y| epi_k(h16(x, 208), y, isum_q6_k_avx2(x, y))),
+        TQ1_0 => blocks!(54, 292, |x, y| epi_k(h16(x, 52), y, isum_tq1_0_avx2(x, y))),
+        TQ2_0 => blocks!(66, 292, |x, y| epi_k(h16(x, 64), y, isum_tq2_0_avx2(x, y))),
         I2_S => whole!(dot_i2s_avx2),
         _ => return None,
     })

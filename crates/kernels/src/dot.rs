@@ -6,6 +6,9 @@ use crate::{scalar, ActType, GgmlType, UnsupportedType};
 /// per-tensor scale (used by I2_S only).
 pub type RowDot = fn(&[u8], &[u8], usize, f32) -> f32;
 
+/// One weight row against four activation rows at once (same results as four [`RowDot`] calls).
+pub type RowDot4 = fn(&[u8], [&[u8]; 4], usize, f32) -> [f32; 4];
+
 /// A per-block integer kernel: (weight block, activation block) → (main sum, secondary sum such as Σ min·bsum).
 pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
 
@@ -36,17 +39,19 @@ pub struct Kernels {
     pub act: ActType,
     pub backend: Backend,
     pub dot: RowDot,
+    /// Multi-token kernel for batched products, where one exists.
+    pub dot4: Option<RowDot4>,
 }
 
 impl Kernels {
     pub fn new(ty: GgmlType, backend: Backend) -> Result<Kernels, UnsupportedType> {
         let act = ActType::for_weight(ty).ok_or(UnsupportedType(ty))?;
-        let dot = match backend {
+        let (dot, dot4) = match backend {
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?),
-            _ => scalar_dot(ty)?,
+            Backend::Avx2 => (crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?), crate::avx2::row_dot4(ty)),
+            _ => (scalar_dot(ty)?, None),
         };
-        Ok(Kernels { ty, act, backend, dot })
+        Ok(Kernels { ty, act, backend, dot, dot4 })
     }
 
     pub fn detect(ty: GgmlType) -> Result<Kernels, UnsupportedType> {

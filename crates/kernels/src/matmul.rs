@@ -34,6 +34,7 @@ pub struct QMatrix {
     pub cols: usize,
     /// Per-tensor scale (I2_S only; 1.0 otherwise).
     pub scale: f32,
+    row_bytes: usize,
     data: WeightBytes,
     kernels: Kernels,
 }
@@ -73,7 +74,8 @@ impl QMatrix {
             return Err(format!("{ty} matrix {rows}x{cols} needs {expected} bytes, got {}", data.as_slice().len()));
         }
         let scale = if ty == GgmlType::I2_S { scalar::i2s_tensor_scale(data.as_slice()) } else { 1.0 };
-        Ok(QMatrix { rows, cols, scale, data, kernels })
+        let row_bytes = ty.row_bytes(cols);
+        Ok(QMatrix { rows, cols, scale, row_bytes, data, kernels })
     }
 
     pub fn ty(&self) -> GgmlType {
@@ -86,10 +88,10 @@ impl QMatrix {
         self.kernels.backend
     }
     pub fn row_bytes(&self) -> usize {
-        self.ty().row_bytes(self.cols)
+        self.row_bytes
     }
     pub fn row(&self, r: usize) -> &[u8] {
-        let rb = self.row_bytes();
+        let rb = self.row_bytes;
         &self.data.as_slice()[r * rb..(r + 1) * rb]
     }
 
@@ -105,18 +107,35 @@ impl QMatrix {
         assert_eq!(out.len(), x.n_rows * self.rows, "output buffer size");
         let n_tok = x.n_rows;
         // Tasks are groups of rows; each task keeps its weight rows hot while it walks every token.
-        let rows_per_task = if n_tok == 1 { 16 } else { 4 }.min(self.rows).max(1);
+        let rows_per_task = if n_tok == 1 { 16 } else { 8 }.min(self.rows).max(1);
         let n_tasks = self.rows.div_ceil(rows_per_task);
         let out_ptr = OutPtr(out.as_mut_ptr());
         let dot = self.kernels.dot;
+        let w_all = self.data.as_slice();
+        let rb = self.row_bytes;
+        let dot4 = self.kernels.dot4;
         let task = |t: usize| {
             let r0 = t * rows_per_task;
             let r1 = (r0 + rows_per_task).min(self.rows);
             let optr = &out_ptr;
-            for tok in 0..n_tok {
+            let mut tok = 0;
+            if let Some(dot4) = dot4 {
+                while tok + 4 <= n_tok {
+                    let a = [x.row(tok), x.row(tok + 1), x.row(tok + 2), x.row(tok + 3)];
+                    for r in r0..r1 {
+                        let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
+                        for (j, v) in v.into_iter().enumerate() {
+                            // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
+                            unsafe { *optr.0.add((tok + j) * self.rows + r) = v };
+                        }
+                    }
+                    tok += 4;
+                }
+            }
+            for tok in tok..n_tok {
                 let a = x.row(tok);
                 for r in r0..r1 {
-                    let v = dot(self.row(r), a, self.cols, self.scale);
+                    let v = dot(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
                     // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
                     unsafe { *optr.0.add(tok * self.rows + r) = v };
                 }

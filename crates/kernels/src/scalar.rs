@@ -348,20 +348,38 @@ pub fn isum_i2s(w: &[u8], a: &[u8]) -> i32 {
     (0..128).map(|i| c[i] as i32 * a8(a, i)).sum()
 }
 
-// Float epilogues, shared verbatim by the scalar and SIMD row loops so that their results are bit-identical.
+// Float epilogues, shared verbatim by the scalar and SIMD row loops so that their results are bit-identical. They
+// are generic over the f16 loader (`h`): f16 → f32 conversion is exact, so the SIMD path may use the F16C
+// instruction while the reference uses the portable conversion.
+
+/// An exact little-endian f16 load: `h(bytes, offset)`.
+pub trait F16Load: Fn(&[u8], usize) -> f32 + Copy {}
+impl<T: Fn(&[u8], usize) -> f32 + Copy> F16Load for T {}
 
 #[inline(always)]
+pub fn epi_q8_0_with(w: &[u8], a: &[u8], isum: i32, h: impl F16Load) -> f32 {
+    h(w, 0) * h(a, 0) * isum as f32
+}
+#[inline(always)]
+pub fn epi_q8_1_with(w: &[u8], a: &[u8], isum: i32, h: impl F16Load) -> f32 {
+    h(w, 0) * h(a, 0) * isum as f32 + h(w, 2) * h(a, 2)
+}
+#[inline(always)]
+pub fn epi_k_min_with(w: &[u8], a: &[u8], (s, m): (i32, i32), h: impl F16Load) -> f32 {
+    let da = f32_at(a, 0);
+    h(w, 0) * da * s as f32 - h(w, 2) * da * m as f32
+}
+#[inline(always)]
 pub fn epi_q8_0(w: &[u8], a: &[u8], isum: i32) -> f32 {
-    f16_at(w, 0) * f16_at(a, 0) * isum as f32
+    epi_q8_0_with(w, a, isum, f16_at)
 }
 #[inline(always)]
 pub fn epi_q8_1(w: &[u8], a: &[u8], isum: i32) -> f32 {
-    f16_at(w, 0) * f16_at(a, 0) * isum as f32 + f16_at(w, 2) * f16_at(a, 2)
+    epi_q8_1_with(w, a, isum, f16_at)
 }
 #[inline(always)]
-pub fn epi_k_min(w: &[u8], a: &[u8], (s, m): (i32, i32)) -> f32 {
-    let da = f32_at(a, 0);
-    f16_at(w, 0) * da * s as f32 - f16_at(w, 2) * da * m as f32
+pub fn epi_k_min(w: &[u8], a: &[u8], sums: (i32, i32)) -> f32 {
+    epi_k_min_with(w, a, sums, f16_at)
 }
 #[inline(always)]
 pub fn epi_k(d_w: f32, a: &[u8], isum: i32) -> f32 {

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use ternlm_gguf::{GgmlType, GgufFile};
 use ternlm_kernels::attn::{dot_f16_f32, mad_f16, scale_f16};
+use ternlm_kernels::dot::Backend;
 use ternlm_kernels::matmul::WeightBytes;
 use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
 
@@ -98,6 +99,7 @@ pub struct BatchToken {
 
 struct Loader<'a> {
     f: &'a Arc<GgufFile>,
+    backend: Backend,
 }
 
 impl Loader<'_> {
@@ -136,7 +138,8 @@ impl Loader<'_> {
         let start = (self.f.data_offset + t.offset) as usize;
         let src: Arc<dyn AsRef<[u8]> + Send + Sync> = self.f.clone();
         let bytes = WeightBytes::window(src, start, t.size as usize);
-        QMatrix::new(t.ty, bytes, rows, cols).map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))
+        QMatrix::with_backend(t.ty, bytes, rows, cols, self.backend)
+            .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))
     }
 
     fn linear(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
@@ -153,8 +156,13 @@ impl Model {
     }
 
     pub fn from_gguf(f: Arc<GgufFile>) -> Result<Model> {
+        Self::from_gguf_with_backend(f, Backend::detect())
+    }
+
+    /// Loads with a chosen kernel backend (the scalar reference, e.g., to check the SIMD paths on a real model).
+    pub fn from_gguf_with_backend(f: Arc<GgufFile>, backend: Backend) -> Result<Model> {
         let cfg = ModelConfig::from_gguf(&f)?;
-        let l = Loader { f: &f };
+        let l = Loader { f: &f, backend };
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let tok_embd = l.matrix("token_embd.weight", d, cfg.n_vocab)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
