@@ -5,7 +5,6 @@
 //!
 //! Fails when the model is missing unless TERNLM_SKIP_MODEL_TESTS=1 (then it prints a loud notice).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use ternlm_gguf::GgufFile;
 use ternlm_kernels::dot::Backend;
@@ -13,24 +12,10 @@ use ternlm_kernels::ThreadPool;
 use ternlm_model::{BatchToken, Model};
 use ternlm_tokenizer::Tokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
 fn model_file() -> Option<Arc<GgufFile>> {
-    let dir = std::env::var_os("TERNLM_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let p = dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    if !p.exists() {
-        if std::env::var("TERNLM_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "\n*** SKIPPED: {} is missing and TERNLM_SKIP_MODEL_TESTS=1 — Qwen2.5 checks did NOT run ***\n",
-                p.display()
-            );
-            return None;
-        }
-        panic!("{} is missing: run scripts/fetch-models.sh qwen2.5-coder-0.5b", p.display());
-    }
-    Some(Arc::new(GgufFile::open(&p).unwrap()))
+    common::model_file("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2.5-coder-0.5b")
 }
 
 #[test]
@@ -54,7 +39,7 @@ fn qwen2_simd_equals_scalar_backend_and_perplexity_is_sane() {
     for (ra, rb) in a.chunks_exact(nv).zip(b.chunks_exact(nv)) {
         assert_eq!(ternlm_model::sampling::argmax(ra), ternlm_model::sampling::argmax(rb));
     }
-    let text = std::fs::read_to_string(root().join("../shared/data/text/wikitext-2-raw-test.txt")).unwrap();
+    let text = std::fs::read_to_string(common::shared().join("data/text/wikitext-2-raw-test.txt")).unwrap();
     let tokens = tok.encode(&text[..20000], true, false);
     let r = ternlm_model::perplexity::perplexity(&fast, &pool, &tokens, 512, Some(1), None, |_, _| {}).unwrap();
     eprintln!("qwen2.5-coder-0.5b wikitext chunk 1 perplexity: {:.4}", r.ppl);

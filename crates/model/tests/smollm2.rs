@@ -4,37 +4,13 @@
 //! These tests need the model file. They fail when it is missing, unless TERNLM_SKIP_MODEL_TESTS=1 is set, in
 //! which case they print a loud notice. CI always runs them (.ci/run fetches the model first).
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use ternlm_gguf::GgufFile;
 use ternlm_kernels::ThreadPool;
 use ternlm_model::chat::{ChatTemplate, Message};
 use ternlm_model::{generate, BatchToken, GenerateOptions, Model, SamplingParams};
 use ternlm_tokenizer::Tokenizer;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn shared() -> PathBuf {
-    std::env::var_os("TERNLM_SHARED").map(PathBuf::from).unwrap_or_else(|| root().join("../shared"))
-}
-
-fn model_path() -> Option<PathBuf> {
-    let dir = std::env::var_os("TERNLM_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"));
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TERNLM_SKIP_MODEL_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!(
-            "\n*** SKIPPED: {} is missing and TERNLM_SKIP_MODEL_TESTS=1 — SmolLM2 checks did NOT run ***\n",
-            p.display()
-        );
-        return None;
-    }
-    panic!("{} is missing: run scripts/fetch-models.sh (or set TERNLM_SKIP_MODEL_TESTS=1 to skip loudly)", p.display());
-}
+mod common;
+use common::shared;
 
 struct Env {
     model: Model,
@@ -43,8 +19,7 @@ struct Env {
 }
 
 fn load() -> Option<Env> {
-    let p = model_path()?;
-    let f = Arc::new(GgufFile::open(&p).unwrap());
+    let f = common::model_file("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")?;
     let tok = Tokenizer::from_gguf(&f, None).unwrap();
     let model = Model::from_gguf(f).unwrap();
     Some(Env { model, tok, pool: ThreadPool::new(2) })

@@ -1,6 +1,7 @@
 //! Byte-level BPE, ported from llama.cpp's `llm_tokenizer_bpe_session`.
 
 use crate::pretok::{byte_to_char_table, PreTokenizer};
+use crate::symbols::{merge, split_chars, Sym};
 use crate::{TokenId, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -66,19 +67,7 @@ impl Bpe {
                 return;
             }
         }
-        // Symbols: (start, len) byte spans of `word`, linked by prev/next.
-        struct Sym {
-            start: usize,
-            n: usize,
-            prev: isize,
-            next: isize,
-        }
-        let mut syms: Vec<Sym> = Vec::new();
-        for (i, (start, c)) in word.char_indices().enumerate() {
-            let n = c.len_utf8();
-            let next = if start + n == word.len() { -1 } else { i as isize + 1 };
-            syms.push(Sym { start, n, prev: i as isize - 1, next });
-        }
+        let mut syms = split_chars(word);
         // Min-heap on (rank, left index): llama.cpp's comparator pops the lowest rank, leftmost first.
         let mut heap: BinaryHeap<Reverse<(u32, usize, usize, usize)>> = BinaryHeap::new();
         let text = |s: &Sym| &word[s.start..s.start + s.n];
@@ -95,17 +84,7 @@ impl Bpe {
             push(&mut heap, &syms, i as isize - 1, i as isize);
         }
         while let Some(Reverse((_, l, r, size))) = heap.pop() {
-            if syms[l].n == 0 || syms[r].n == 0 || syms[l].n + syms[r].n != size {
-                continue;
-            }
-            syms[l].n += syms[r].n;
-            syms[r].n = 0;
-            let rn = syms[r].next;
-            syms[l].next = rn;
-            if rn >= 0 {
-                syms[rn as usize].prev = l as isize;
-            }
-            let (lp, ln) = (syms[l].prev, syms[l].next);
+            let Some((lp, ln)) = merge(&mut syms, l, r, size) else { continue };
             push(&mut heap, &syms, lp, l as isize);
             push(&mut heap, &syms, l as isize, ln);
         }

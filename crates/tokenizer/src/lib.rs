@@ -10,6 +10,7 @@ mod bpe;
 mod hf;
 pub mod pretok;
 mod spm;
+mod symbols;
 
 pub use hf::HfTokenizer;
 pub use pretok::PreTokenizer;

@@ -1,14 +1,8 @@
 //! SentencePiece (BPE-by-score with byte fallback), ported from llama.cpp's `llm_tokenizer_spm_session`.
 
+use crate::symbols::{merge, split_chars, Sym};
 use crate::{TokenId, Tokenizer};
 use std::collections::{BinaryHeap, HashMap};
-
-struct Sym {
-    start: usize,
-    n: usize,
-    prev: isize,
-    next: isize,
-}
 
 /// Max-heap entry: highest score first, then the leftmost pair.
 #[derive(PartialEq)]
@@ -37,30 +31,15 @@ pub(crate) fn byte_token_value(text: &str) -> Option<u8> {
 }
 
 pub(crate) fn tokenize(tok: &Tokenizer, text: &str, out: &mut Vec<TokenId>) {
-    let mut syms: Vec<Sym> = Vec::new();
-    for (i, (start, c)) in text.char_indices().enumerate() {
-        let n = c.len_utf8();
-        let next = if start + n == text.len() { -1 } else { i as isize + 1 };
-        syms.push(Sym { start, n, prev: i as isize - 1, next });
-    }
+    let mut syms = split_chars(text);
     let mut heap = BinaryHeap::new();
     let mut rev_merge: HashMap<&str, (usize, usize)> = HashMap::new();
     for i in 1..syms.len() {
         try_add(tok, text, &mut heap, &mut rev_merge, &syms, i as isize - 1, i as isize);
     }
     while let Some(b) = heap.pop() {
-        let (l, r) = (b.left, b.right);
-        if syms[l].n == 0 || syms[r].n == 0 || syms[l].n + syms[r].n != b.size {
-            continue;
-        }
-        syms[l].n += syms[r].n;
-        syms[r].n = 0;
-        let rn = syms[r].next;
-        syms[l].next = rn;
-        if rn >= 0 {
-            syms[rn as usize].prev = l as isize;
-        }
-        let (lp, ln) = (syms[l].prev, syms[l].next);
+        let l = b.left;
+        let Some((lp, ln)) = merge(&mut syms, l, b.right, b.size) else { continue };
         try_add(tok, text, &mut heap, &mut rev_merge, &syms, lp, l as isize);
         try_add(tok, text, &mut heap, &mut rev_merge, &syms, l as isize, ln);
     }
