@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use ternlm_gguf::GgufFile;
 use ternlm_kernels::ThreadPool;
-use ternlm_model::chat::{ChatTemplate, Message};
+use ternlm_model::chat::{encode_chat, ChatTemplate, Message};
 use ternlm_model::{generate, GenerateOptions, Model, SamplingParams};
 use ternlm_tokenizer::Tokenizer;
 
@@ -193,10 +193,6 @@ fn emit(s: &str) -> bool {
     true
 }
 
-fn prompt_tokens(l: &Loaded, text: &str, parse_special: bool) -> Vec<u32> {
-    l.tok.encode(text, true, parse_special)
-}
-
 pub fn run(a: RunArgs) -> Result<()> {
     let l = a.m.load()?;
     let (text, parse_special) = if a.chat {
@@ -210,7 +206,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         (a.prompt.clone(), false)
     };
-    let ids = prompt_tokens(&l, &text, parse_special);
+    let ids = if parse_special { encode_chat(&l.tok, &text) } else { l.tok.encode(&text, true, false) };
     let mut kv = l.model.new_kv_cache(l.n_ctx, 1);
     let opts =
         GenerateOptions { max_tokens: a.n_predict, sampling: a.s.params(), stop: a.s.stop.clone(), batch_size: 512 };
@@ -221,10 +217,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     emit("\n");
     if a.stats {
         eprintln!(
-            "prompt: {} tokens in {:.2} s ({:.1} t/s) | generation: {} tokens in {:.2} s ({:.1} t/s) | finish: {:?}",
+            "prompt: {} tokens ({} reused) in {:.2} s ({:.1} t/s) | generation: {} tokens in {:.2} s ({:.1} t/s) | finish: {:?}",
             st.n_prompt,
+            st.n_prompt_reused,
             st.prompt_time.as_secs_f64(),
-            st.n_prompt as f64 / st.prompt_time.as_secs_f64(),
+            (st.n_prompt - st.n_prompt_reused) as f64 / st.prompt_time.as_secs_f64(),
             st.n_generated,
             st.gen_time.as_secs_f64(),
             st.n_generated as f64 / st.gen_time.as_secs_f64().max(1e-9),
@@ -271,7 +268,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         }
         msgs.push(Message::new("user", line.trim_end()));
         let text = tmpl.render(&msgs, true)?;
-        let ids = prompt_tokens(&l, &text, true);
+        let ids = encode_chat(&l.tok, &text);
         if ids.len() + 8 >= l.n_ctx {
             bail!(
                 "the conversation ({} tokens) no longer fits the context of {} tokens; restart with a larger -c",

@@ -66,6 +66,14 @@ impl ChatTemplate {
     }
 }
 
+/// Tokenizes a rendered chat prompt: special tokens written by the template are parsed, and BOS is added only if
+/// the vocabulary asks for it and the template did not already write it.
+pub fn encode_chat(tok: &Tokenizer, text: &str) -> Vec<u32> {
+    let template_wrote_bos =
+        tok.bos.and_then(|b| tok.token_text(b)).is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    tok.encode(text, !template_wrote_bos, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

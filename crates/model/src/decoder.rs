@@ -301,8 +301,7 @@ impl Model {
         }
 
         for bt in batch {
-            let len = kv.seq_len(bt.seq).max(bt.pos + 1);
-            kv.set_len(bt.seq, len);
+            kv.record(bt.seq, bt.pos, bt.token);
         }
         let wanted: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
         let mut xn = vec![0f32; wanted.len() * d];

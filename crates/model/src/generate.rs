@@ -40,6 +40,8 @@ pub enum FinishReason {
 #[derive(Clone, Debug)]
 pub struct GenerateStats {
     pub n_prompt: usize,
+    /// Prompt tokens whose keys/values were already in the slot.
+    pub n_prompt_reused: usize,
     pub n_generated: usize,
     pub prompt_time: Duration,
     pub gen_time: Duration,
@@ -83,7 +85,8 @@ impl StopFilter {
 }
 
 /// Generates a continuation of `prompt` in KV slot `seq`, calling `on_text` with each piece of new text. Returning
-/// `false` from `on_text` cancels. The slot is reset first.
+/// `false` from `on_text` cancels. Whatever prefix of `prompt` the slot already holds (e.g. the earlier turns of a
+/// chat) is reused; the rest of the slot is discarded.
 #[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &Model,
@@ -102,11 +105,15 @@ pub fn generate(
         prompt.len(),
         kv.n_ctx
     );
-    kv.truncate(seq, 0);
+    // Keep the common prefix, but always recompute at least the last prompt token to get its logits.
+    let cached = kv.seq_tokens(seq).iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    let start = cached.min(prompt.len() - 1);
+    kv.truncate(seq, start);
     let t0 = Instant::now();
     let mut logits = Vec::new();
-    for (ci, chunk) in prompt.chunks(opts.batch_size.max(1)).enumerate() {
-        let base = ci * opts.batch_size.max(1);
+    let bs = opts.batch_size.max(1);
+    for (ci, chunk) in prompt[start..].chunks(bs).enumerate() {
+        let base = start + ci * bs;
         let last = base + chunk.len() == prompt.len();
         let batch: Vec<BatchToken> = chunk
             .iter()
@@ -164,6 +171,7 @@ pub fn generate(
     }
     Ok(GenerateStats {
         n_prompt: prompt.len(),
+        n_prompt_reused: start,
         n_generated: generated.len(),
         prompt_time,
         gen_time: t1.elapsed(),

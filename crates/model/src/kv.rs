@@ -7,8 +7,8 @@ pub struct SeqCache {
     /// Per layer: `capacity × kv_dim` keys, then values.
     k: Vec<Vec<f16>>,
     v: Vec<Vec<f16>>,
-    /// Positions 0..len hold valid entries.
-    pub len: usize,
+    /// The tokens whose keys/values are held, by position (so a new prompt can reuse a shared prefix).
+    tokens: Vec<u32>,
 }
 
 pub struct KvCache {
@@ -23,7 +23,7 @@ impl KvCache {
         let slot = || SeqCache {
             k: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
             v: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * kv_dim]).collect(),
-            len: 0,
+            tokens: Vec::new(),
         };
         KvCache { n_ctx, kv_dim, n_layer, slots: (0..n_seq).map(|_| slot()).collect() }
     }
@@ -33,13 +33,17 @@ impl KvCache {
     }
 
     pub fn seq_len(&self, seq: usize) -> usize {
-        self.slots[seq].len
+        self.slots[seq].tokens.len()
+    }
+
+    /// The tokens cached for a sequence, by position.
+    pub fn seq_tokens(&self, seq: usize) -> &[u32] {
+        &self.slots[seq].tokens
     }
 
     /// Forgets positions `pos..` of a sequence (e.g. to start it over or roll back).
     pub fn truncate(&mut self, seq: usize, pos: usize) {
-        let s = &mut self.slots[seq];
-        s.len = s.len.min(pos);
+        self.slots[seq].tokens.truncate(pos);
     }
 
     pub fn bytes(&self) -> usize {
@@ -57,8 +61,11 @@ impl KvCache {
         }
     }
 
-    pub(crate) fn set_len(&mut self, seq: usize, len: usize) {
-        self.slots[seq].len = len;
+    /// Records that `token` now occupies `pos` (positions after it are forgotten).
+    pub(crate) fn record(&mut self, seq: usize, pos: usize, token: u32) {
+        let t = &mut self.slots[seq].tokens;
+        t.truncate(pos);
+        t.push(token);
     }
 
     pub(crate) fn layer(&self, seq: usize, layer: usize) -> (&[f16], &[f16]) {

@@ -148,3 +148,28 @@ fn chat_template_renders_smollm2_format() {
     assert_eq!(ids[0], e.tok.token_id("<|im_start|>").unwrap(), "special tokens are parsed in chat prompts");
     assert!(e.tok.is_eog(e.tok.token_id("<|im_end|>").unwrap()));
 }
+
+/// A second prompt that extends the first reuses the cached prefix and gives exactly what a fresh cache gives.
+#[test]
+fn prompt_prefix_reuse_equals_fresh_cache() {
+    let Some(e) = load() else { return };
+    let opts = GenerateOptions { max_tokens: 12, sampling: SamplingParams::greedy(), ..Default::default() };
+    let run = |kv: &mut ternlm_model::KvCache, ids: &[u32]| {
+        let mut s = String::new();
+        let st = generate(&e.model, &e.tok, &e.pool, kv, 0, ids, &opts, &mut |t| {
+            s.push_str(t);
+            true
+        })
+        .unwrap();
+        (s, st.n_prompt_reused)
+    };
+    let first = e.tok.encode("Alice has three apples. Bob has", true, false);
+    let second = e.tok.encode("Alice has three apples. Bob has two pears. Together they have", true, false);
+    let mut kv = e.model.new_kv_cache(128, 1);
+    let (_, reused0) = run(&mut kv, &first);
+    assert_eq!(reused0, 0);
+    let (warm, reused) = run(&mut kv, &second);
+    assert!(reused >= first.len() - 1, "reused {reused} of a {}-token prefix", first.len());
+    let (cold, _) = run(&mut e.model.new_kv_cache(128, 1), &second);
+    assert_eq!(warm, cold);
+}
