@@ -13,7 +13,7 @@ use ternlm_tokenizer::Tokenizer;
 pub struct InfoArgs {
     /// GGUF file
     pub file: PathBuf,
-    /// Print every array element count only (default) or the full tensor table
+    /// Skip the tensor table
     #[arg(long)]
     pub no_tensors: bool,
 }

@@ -165,7 +165,8 @@ impl Model {
         let l = Loader { f: &f, backend };
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let tok_embd = l.matrix("token_embd.weight", d, cfg.n_vocab)?;
-        let mut layers = Vec::with_capacity(cfg.n_layer);
+        // No capacity from the file's block_count: a hostile value must fail on the first missing tensor, not allocate.
+        let mut layers = Vec::new();
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}");
             let sub = |s: &str| -> Result<Option<Vec<f32>>> {
