@@ -182,6 +182,9 @@ pub struct RunArgs {
     /// Print timing statistics to stderr
     #[arg(long)]
     pub stats: bool,
+    /// Never stop at end-of-generation tokens (they are masked out), e.g. for benchmarks
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// Writes to stdout; a closed pipe (e.g. `| head`) ends the program quietly instead of panicking.
@@ -208,8 +211,13 @@ pub fn run(a: RunArgs) -> Result<()> {
     };
     let ids = if parse_special { encode_chat(&l.tok, &text) } else { l.tok.encode(&text, true, false) };
     let mut kv = l.model.new_kv_cache(l.n_ctx, 1);
-    let opts =
-        GenerateOptions { max_tokens: a.n_predict, sampling: a.s.params(), stop: a.s.stop.clone(), batch_size: 512 };
+    let opts = GenerateOptions {
+        max_tokens: a.n_predict,
+        sampling: a.s.params(),
+        stop: a.s.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
     if !a.no_echo && !a.chat {
         emit(&a.prompt);
     }
@@ -281,7 +289,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             max_tokens: a.n_predict,
             sampling: params.clone(),
             stop: a.s.stop.clone(),
-            batch_size: 512,
+            ..Default::default()
         };
         let mut reply = String::new();
         generate(&l.model, &l.tok, &l.pool, &mut kv, 0, &ids, &opts, &mut |t| {

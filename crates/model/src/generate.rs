@@ -17,11 +17,19 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Prompt tokens per forward pass.
     pub batch_size: usize,
+    /// Never sample end-of-generation tokens (for benchmarks), as llama.cpp's `--ignore-eos`.
+    pub ignore_eos: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new(), batch_size: 512 }
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            batch_size: 512,
+            ignore_eos: false,
+        }
     }
 }
 
@@ -133,6 +141,13 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut hit_stop = false;
     while generated.len() < opts.max_tokens {
+        if opts.ignore_eos {
+            for &id in tok.eog_ids() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let next = sampler.sample(&logits, &history);
         if tok.is_eog(next) {
             finish = FinishReason::Stop;

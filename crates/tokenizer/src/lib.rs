@@ -266,6 +266,11 @@ impl Tokenizer {
         self.token_to_id.get(text).copied()
     }
 
+    /// Every end-of-generation token id.
+    pub fn eog_ids(&self) -> &[TokenId] {
+        &self.eog
+    }
+
     pub fn is_eog(&self, id: TokenId) -> bool {
         self.eog.binary_search(&id).is_ok()
     }
