@@ -54,7 +54,8 @@ impl ModelConfig {
             "llama" | "mistral" | "granite" => (RopeStyle::Interleaved, FfnActivation::SiluGated, false, false),
             "qwen2" | "qwen3" => (RopeStyle::Neox, FfnActivation::SiluGated, false, false),
             "bitnet-b1.58" | "bitnet-25" => (RopeStyle::Neox, FfnActivation::ReluSqrGated, true, true),
-            "bitnet" => (RopeStyle::Interleaved, FfnActivation::SiluGated, true, false),
+            // 1bitLLM: same graph as bitnet-b1.58 but SiLU-gated (llama.cpp and bitnet.cpp both use NeoX RoPE here).
+            "bitnet" => (RopeStyle::Neox, FfnActivation::SiluGated, true, false),
             other => bail!(
                 "{}: architecture '{other}' is not supported (supported: llama, qwen2, qwen3, bitnet-b1.58, bitnet-25, bitnet)",
                 f.path().display()

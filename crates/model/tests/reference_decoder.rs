@@ -1,7 +1,7 @@
 //! The decoder against an independent, deliberately naive f64 implementation, on tiny random-weight models of
 //! every architecture configuration (written with ternlm's own GGUF writer, F32 weights so no quantization is
 //! involved): llama (interleaved RoPE), qwen2 (QKV biases, NeoX), qwen3 (QK-norm), bitnet-b1.58 (sub-norms,
-//! relu², head tied even though an `output` tensor exists), bitnet (sub-norms, SiLU). GQA throughout.
+//! relu², head tied even though an `output` tensor exists), bitnet (sub-norms, SiLU, NeoX). GQA throughout.
 //! Each case also checks that a wrong variant (e.g. the other RoPE layout) is far outside the tolerance, so the
 //! comparison can tell the configurations apart.
 
@@ -266,6 +266,6 @@ fn bitnet_b158_sub_norms_relu2_tied_head() {
 
 #[test]
 fn bitnet_sub_norms_silu() {
-    let v = Variant { sub_norms: true, ..BASE_V };
+    let v = Variant { neox: true, sub_norms: true, ..BASE_V };
     check("bitnet", v, Variant { relu2: true, ..v });
 }
