@@ -306,6 +306,35 @@ unsafe fn dot_f16_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16w_f32a_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    let (w, a) = (&w[..2 * k], &a[..4 * k]);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= k {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let wv = _mm256_cvtph_ps(load16(&w[2 * (i + 8 * j)..]));
+            let av = _mm256_castsi256_ps(load(&a[4 * (i + 8 * j)..]));
+            *acc = _mm256_fmadd_ps(wv, av, *acc);
+        }
+        i += 16;
+    }
+    let mut s = hsum_f32(_mm256_add_ps(acc[0], acc[1]));
+    for j in i..k {
+        s += f16_at(w, 2 * j) * crate::f32_at(a, 4 * j);
+    }
+    s
+}
+
+/// F16 weights × f32 activations. Callers must have checked AVX2, FMA and F16C.
+pub(crate) fn f16_f32_row_dot() -> crate::dot::RowDot {
+    fn f(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+        // SAFETY: only reachable through `Kernels::f16_with_f32_acts(Backend::Avx2)`, after feature detection.
+        unsafe { dot_f16w_f32a_avx2(w, a, k) }
+    }
+    f
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_bf16_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
     let (w, a) = (&w[..2 * k], &a[..2 * k]);
     let widen = |v: __m128i| _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));

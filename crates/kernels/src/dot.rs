@@ -54,6 +54,20 @@ impl Kernels {
         Ok(Kernels { ty, act, backend, dot, dot4 })
     }
 
+    /// F16 weights dotted with f32 activations (bitnet.cpp's choice for its F16 output head), instead of ggml's
+    /// default of converting the activations to f16.
+    pub fn f16_with_f32_acts(backend: Backend) -> Kernels {
+        fn scalar(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+            (0..k).map(|i| crate::f16_at(w, 2 * i) * crate::f32_at(a, 4 * i)).fold(0f32, |s, v| s + v)
+        }
+        let dot: RowDot = match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => crate::avx2::f16_f32_row_dot(),
+            _ => scalar,
+        };
+        Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None }
+    }
+
     pub fn detect(ty: GgmlType) -> Result<Kernels, UnsupportedType> {
         Self::new(ty, Backend::detect())
     }

@@ -78,6 +78,13 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, scale, row_bytes, data, kernels })
     }
 
+    /// For F16 weights: dot with f32 activations instead of converting them to f16 (bitnet.cpp's arithmetic).
+    pub fn use_f32_activations(&mut self) {
+        if self.ty() == GgmlType::F16 {
+            self.kernels = Kernels::f16_with_f32_acts(self.kernels.backend);
+        }
+    }
+
     pub fn ty(&self) -> GgmlType {
         self.kernels.ty
     }

@@ -20,6 +20,15 @@ pub enum FfnActivation {
     ReluSqrGated,
 }
 
+/// How attention rounds, chosen to agree with the engine that defines each architecture's reference outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionNumerics {
+    /// llama.cpp's CPU flash attention (its default): Q rounded to f16, online softmax, f16 V accumulator.
+    FlashF16,
+    /// bitnet.cpp (no flash attention): Q rounded to f16, f32 softmax, V weighted by the f32 probabilities.
+    F32Probs,
+}
+
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub arch: String,
@@ -42,6 +51,9 @@ pub struct ModelConfig {
     pub sub_norms: bool,
     /// Use the token embedding as the output head even when an `output` tensor exists (BitNet b1.58).
     pub force_tied_head: bool,
+    pub attention: AttentionNumerics,
+    /// Dot F16 weights with f32 activations (bitnet.cpp) rather than f16 ones (llama.cpp).
+    pub f16_weights_f32_acts: bool,
 }
 
 impl ModelConfig {
@@ -126,6 +138,9 @@ impl ModelConfig {
             ffn_act,
             sub_norms,
             force_tied_head,
+            // The ternary architectures' reference engine is bitnet.cpp; everything else is checked against llama.cpp.
+            attention: if sub_norms { AttentionNumerics::F32Probs } else { AttentionNumerics::FlashF16 },
+            f16_weights_f32_acts: sub_norms,
         })
     }
 

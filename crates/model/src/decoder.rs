@@ -5,7 +5,7 @@
 //! `forward` takes a batch of tokens from any number of sequences, each with its own KV-cache slot: the prompt
 //! path turns into matrix-matrix products and a server can batch many users' decode steps into one pass.
 
-use crate::config::{FfnActivation, ModelConfig, RopeStyle};
+use crate::config::{AttentionNumerics, FfnActivation, ModelConfig, RopeStyle};
 use crate::kv::KvCache;
 use crate::ops::{self, Disjoint};
 use anyhow::{bail, Context, Result};
@@ -13,7 +13,7 @@ use half::f16;
 use std::path::Path;
 use std::sync::Arc;
 use ternlm_gguf::{GgmlType, GgufFile};
-use ternlm_kernels::attn::{dot_f16_f32, mad_f16, scale_f16};
+use ternlm_kernels::attn::{axpy_f16, dot_f16_f32, mad_f16, scale_f16};
 use ternlm_kernels::dot::Backend;
 use ternlm_kernels::matmul::WeightBytes;
 use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
@@ -100,6 +100,7 @@ pub struct BatchToken {
 struct Loader<'a> {
     f: &'a Arc<GgufFile>,
     backend: Backend,
+    f32_acts_for_f16: bool,
 }
 
 impl Loader<'_> {
@@ -138,8 +139,12 @@ impl Loader<'_> {
         let start = (self.f.data_offset + t.offset) as usize;
         let src: Arc<dyn AsRef<[u8]> + Send + Sync> = self.f.clone();
         let bytes = WeightBytes::window(src, start, t.size as usize);
-        QMatrix::with_backend(t.ty, bytes, rows, cols, self.backend)
-            .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))
+        let mut m = QMatrix::with_backend(t.ty, bytes, rows, cols, self.backend)
+            .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", self.path()))?;
+        if self.f32_acts_for_f16 {
+            m.use_f32_activations();
+        }
+        Ok(m)
     }
 
     fn linear(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
@@ -162,7 +167,7 @@ impl Model {
     /// Loads with a chosen kernel backend (the scalar reference, e.g., to check the SIMD paths on a real model).
     pub fn from_gguf_with_backend(f: Arc<GgufFile>, backend: Backend) -> Result<Model> {
         let cfg = ModelConfig::from_gguf(&f)?;
-        let l = Loader { f: &f, backend };
+        let l = Loader { f: &f, backend, f32_acts_for_f16: cfg.f16_weights_f32_acts };
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let tok_embd = l.matrix("token_embd.weight", d, cfg.n_vocab)?;
         // No capacity from the file's block_count: a hostile value must fail on the first missing tensor, not allocate.
@@ -344,9 +349,9 @@ impl Model {
 
     /// Causal attention of every batch token over its own sequence's cache, positions 0..=pos.
     ///
-    /// The arithmetic follows llama.cpp's CPU flash attention (its default), so that greedy outputs agree token for
-    /// token: Q is rounded to f16 before the K·Q dots, the softmax is computed online, and the weighted V sum is
-    /// kept in an f16 accumulator that is rescaled whenever the running maximum grows.
+    /// The rounding follows the reference engine of the architecture (see [`AttentionNumerics`]), so that greedy
+    /// outputs agree token for token: llama.cpp's CPU flash attention (Q in f16, online softmax, f16 V accumulator)
+    /// or bitnet.cpp's plain attention (Q in f16, f32 probabilities).
     fn attention(
         &self,
         batch: &[BatchToken],
@@ -369,26 +374,40 @@ impl Model {
             let kvh = h / group;
             let qh: Vec<f32> =
                 q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-            let mut acc = vec![f16::ZERO; hd];
-            let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for p in 0..=bt.pos {
-                let s = dot_f16_f32(&kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd], &qh) * scale;
-                let (mut ms, mut vs) = (1f32, 1f32);
-                if s > m {
-                    ms = (m - s).exp();
-                    m = s;
-                    scale_f16(&mut acc, ms);
-                } else {
-                    vs = (s - m).exp();
-                }
-                mad_f16(&mut acc, &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd], vs);
-                sum = sum * ms + vs;
-            }
-            let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+            let k_at = |p: usize| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+            let v_at = |p: usize| &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
             // SAFETY: task (t, h) writes only head h of token t.
             let o = unsafe { dst.slice(t * qd + h * hd, hd) };
-            for (o, a) in o.iter_mut().zip(&acc) {
-                *o = a.to_f32() * inv;
+            match cfg.attention {
+                AttentionNumerics::F32Probs => {
+                    let mut p: Vec<f32> = (0..=bt.pos).map(|j| dot_f16_f32(k_at(j), &qh) * scale).collect();
+                    ops::softmax(&mut p);
+                    o.fill(0.0);
+                    for (j, &w) in p.iter().enumerate() {
+                        axpy_f16(o, w, v_at(j));
+                    }
+                }
+                AttentionNumerics::FlashF16 => {
+                    let mut acc = vec![f16::ZERO; hd];
+                    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+                    for j in 0..=bt.pos {
+                        let s = dot_f16_f32(k_at(j), &qh) * scale;
+                        let (mut ms, mut vs) = (1f32, 1f32);
+                        if s > m {
+                            ms = (m - s).exp();
+                            m = s;
+                            scale_f16(&mut acc, ms);
+                        } else {
+                            vs = (s - m).exp();
+                        }
+                        mad_f16(&mut acc, v_at(j), vs);
+                        sum = sum * ms + vs;
+                    }
+                    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+                    for (o, a) in o.iter_mut().zip(&acc) {
+                        *o = a.to_f32() * inv;
+                    }
+                }
             }
         });
     }
