@@ -343,7 +343,16 @@ impl GgufFile {
             let type_id = c.u32(&|| format!("type of tensor '{name}'"))?;
             let offset = c.u64(&|| format!("offset of tensor '{name}'"))?;
             let ty = GgmlType::from_id(type_id).ok_or_else(|| {
-                c.err(ErrorKind::UnknownType, format!("tensor '{name}': unknown ggml type id {type_id}"))
+                let what = match type_id {
+                    37 => "I8_S is bitnet.cpp's activation type and never valid in a file".to_string(),
+                    38 | 39 | 42 => format!(
+                        "bitnet.cpp's {} LUT layout is tied to the tile sizes of the build that wrote it and is not \
+                         supported; re-quantize the model to I2_S",
+                        if type_id == 38 { "TL1" } else { "TL2" }
+                    ),
+                    _ => format!("unknown ggml type id {type_id}"),
+                };
+                c.err(ErrorKind::UnknownType, format!("tensor '{name}': {what}"))
             })?;
             if dims.contains(&0) {
                 return Err(c.err(ErrorKind::BadTensor, format!("tensor '{name}': a dimension is 0 in {dims:?}")));

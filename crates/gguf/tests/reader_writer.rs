@@ -230,6 +230,9 @@ fn unknown_type_ids() {
     let mut x = b.clone();
     x[p..p + 4].copy_from_slice(&1234u32.to_le_bytes());
     expect_err(x, ErrorKind::UnknownType, "tensor 'a.weight': unknown ggml type id 1234");
+    let mut x = b.clone();
+    x[p..p + 4].copy_from_slice(&39u32.to_le_bytes());
+    expect_err(x, ErrorKind::UnknownType, "TL2 LUT layout");
     let k = find(&b, b"u8") + 2;
     let mut x = b;
     x[k..k + 4].copy_from_slice(&77u32.to_le_bytes());

@@ -15,6 +15,7 @@ mod avx2;
 pub mod dot;
 pub mod matmul;
 pub mod pool;
+pub mod quant;
 pub mod scalar;
 
 pub use act::{ActType, QuantizedActs};

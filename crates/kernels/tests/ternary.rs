@@ -1,0 +1,118 @@
+//! Ternary formats against the bitnet.cpp fixtures and adversarial inputs.
+
+use std::path::PathBuf;
+use ternlm_gguf::GgufFile;
+use ternlm_kernels::dot::Backend;
+use ternlm_kernels::matmul::WeightBytes;
+use ternlm_kernels::quant::quantize_i2s;
+use ternlm_kernels::scalar::{dequantize_row, i2s_tensor_scale};
+use ternlm_kernels::{ActType, GgmlType, QMatrix, QuantizedActs, ThreadPool};
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("TERNLM_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+        .join("fixtures/models")
+}
+
+fn dequant_tensor(f: &GgufFile, name: &str) -> (GgmlType, Vec<f32>) {
+    let t = f.tensor_info(name).unwrap();
+    let data = f.tensor_data(t);
+    let n = t.n_elements() as usize;
+    let mut out = vec![0f32; n];
+    let (body, scale) = if t.ty == GgmlType::I2_S { (&data[..n / 4], i2s_tensor_scale(data)) } else { (data, 1.0) };
+    dequantize_row(t.ty, body, &mut out, scale).unwrap();
+    (t.ty, out)
+}
+
+/// F3 (TQ2_0) and F1 (I2_S) hold the same ternary weights: they decode to identical values, and re-quantizing
+/// F1's values with bitnet.cpp's rule gives back F1's bytes (the tail after the scale is uninitialised memory in
+/// bitnet.cpp's output and is not compared).
+#[test]
+fn tq2_0_fixture_decodes_to_the_i2s_fixture_values() {
+    let f1 = GgufFile::open(fixtures().join("tiny-b158-i2s.gguf")).unwrap();
+    let f3 = GgufFile::open(fixtures().join("tiny-b158-tq2_0.gguf")).unwrap();
+    let mut n = 0;
+    for t in f1.tensors().iter().filter(|t| t.ty == GgmlType::I2_S) {
+        let (ty3, v3) = dequant_tensor(&f3, &t.name);
+        assert_eq!(ty3, GgmlType::TQ2_0, "{}", t.name);
+        let (_, v1) = dequant_tensor(&f1, &t.name);
+        assert_eq!(v1, v3, "{}: TQ2_0 and I2_S values differ", t.name);
+        let requant = quantize_i2s(&v1);
+        let orig = f1.tensor_data(t);
+        let body = orig.len() - 32;
+        assert_eq!(&requant[..body + 4], &orig[..body + 4], "{}: re-quantized I2_S bytes differ", t.name);
+        n += 1;
+    }
+    assert_eq!(n, 14);
+}
+
+fn i2s_matrix(codes: &[u8], rows: usize, k: usize, scale: f32, backend: Backend) -> QMatrix {
+    let w: Vec<f32> = codes.iter().map(|&c| (c as f32 - 1.0) * scale).collect();
+    let mut bytes = quantize_i2s(&w);
+    if codes.iter().all(|&c| c == 1) {
+        // An all-zero tensor has max 0; keep the scale so the epilogue is exercised.
+        let body = bytes.len() - 32;
+        bytes[body..body + 4].copy_from_slice(&scale.to_le_bytes());
+    }
+    assert_eq!(bytes.len(), rows * k / 4 + 32);
+    QMatrix::with_backend(GgmlType::I2_S, WeightBytes::owned(bytes), rows, k, backend).unwrap()
+}
+
+/// Exact integer result for comparison: (Σ c·q − Σ q) / s · w_scale with i64 sums.
+fn exact(codes: &[u8], q: &[u8], k: usize, w_scale: f32) -> f32 {
+    let sq: i64 = (0..k).map(|i| q[i] as i8 as i64).sum();
+    let scq: i64 = (0..k).map(|i| codes[i] as i64 * q[i] as i8 as i64).sum();
+    let s = f32::from_le_bytes(q[k..k + 4].try_into().unwrap());
+    (scq - sq) as i32 as f32 / s * w_scale
+}
+
+#[test]
+fn i2s_adversarial_and_random_shapes_are_exact() {
+    let pool = ThreadPool::new(2);
+    let backends: Vec<Backend> =
+        if Backend::detect() == Backend::Avx2 { vec![Backend::Scalar, Backend::Avx2] } else { vec![Backend::Scalar] };
+    let mut seed = 99u64;
+    let mut rnd = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    // (rows, k, pattern): 0 = random codes, 1 = all +1 with acts all +max (sums far beyond int16), 2 = all -1 with
+    // alternating ±max acts, 3 = all-zero rows.
+    for (rows, k, pattern) in [(3, 128, 0), (5, 640, 0), (4, 6912, 1), (2, 8192, 2), (3, 2560, 3), (7, 1024, 0)] {
+        let codes: Vec<u8> = (0..rows * k)
+            .map(|_| match pattern {
+                1 => 2,
+                2 => 0,
+                3 => 1,
+                _ => (rnd() % 3) as u8,
+            })
+            .collect();
+        let x: Vec<f32> = (0..k)
+            .map(|i| match pattern {
+                1 => 3.0,
+                2 => {
+                    if i % 2 == 0 {
+                        3.0
+                    } else {
+                        -3.0
+                    }
+                }
+                _ => (rnd() % 2001) as f32 / 1000.0 - 1.0,
+            })
+            .collect();
+        let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
+        if pattern == 1 {
+            assert!(q.row(0)[..k].iter().all(|&b| b as i8 == 127), "activations at the int8 extreme");
+        }
+        for &backend in &backends {
+            let m = i2s_matrix(&codes, rows, k, 0.75, backend);
+            let mut out = vec![0f32; rows];
+            m.matmul(&q, &mut out, &pool);
+            for r in 0..rows {
+                let want = exact(&codes[r * k..(r + 1) * k], q.row(0), k, 0.75);
+                assert_eq!(out[r].to_bits(), want.to_bits(), "{backend:?} rows={rows} k={k} pattern={pattern} row {r}");
+            }
+        }
+    }
+}
