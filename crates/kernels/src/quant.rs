@@ -8,7 +8,7 @@ use half::f16;
 /// Layout: 128-weight/32-byte blocks (`byte[i] = c[i]<<6 | c[i+32]<<4 | c[i+64]<<2 | c[i+96]`, c = w+1), then a
 /// 32-byte tail whose first 4 bytes are the f32 scale (the rest is zero here; bitnet.cpp leaves it uninitialised).
 pub fn quantize_i2s(src: &[f32]) -> Vec<u8> {
-    assert!(src.len() % 128 == 0, "I2_S needs a multiple of 128 weights");
+    assert!(src.len().is_multiple_of(128), "I2_S needs a multiple of 128 weights");
     let max = src.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
     let code = |v: f32| -> u8 {
         if (v as f64).abs() < 1e-6 {
@@ -33,7 +33,7 @@ pub fn quantize_i2s(src: &[f32]) -> Vec<u8> {
 
 /// llama.cpp's TQ2_0: per 256-block, d = max |x| (stored f16), trit = round(x/d) + 1, 2 bits each.
 pub fn quantize_tq2_0(src: &[f32]) -> Vec<u8> {
-    assert!(src.len() % 256 == 0, "TQ2_0 needs a multiple of 256 weights");
+    assert!(src.len().is_multiple_of(256), "TQ2_0 needs a multiple of 256 weights");
     let mut out = Vec::with_capacity(src.len() / 256 * 66);
     for x in src.chunks_exact(256) {
         let d = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -56,13 +56,13 @@ pub fn quantize_tq2_0(src: &[f32]) -> Vec<u8> {
 /// llama.cpp's TQ1_0: 5 trits per byte as a base-3 number scaled to 0..255 (ceiling division by 243), then 4
 /// trits per byte for the last 16 weights; d = max |x| in f16.
 pub fn quantize_tq1_0(src: &[f32]) -> Vec<u8> {
-    assert!(src.len() % 256 == 0, "TQ1_0 needs a multiple of 256 weights");
+    assert!(src.len().is_multiple_of(256), "TQ1_0 needs a multiple of 256 weights");
     let mut out = Vec::with_capacity(src.len() / 256 * 54);
     for x in src.chunks_exact(256) {
         let d = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let t = |v: f32| ((v * id).round() as i32 + 1) as u16;
-        let pack = |q: u16| ((q * 256 + 242) / 243) as u8;
+        let pack = |q: u16| (q * 256).div_ceil(243) as u8;
         for m in 0..32 {
             let q = (0..5).fold(0u16, |q, n| q * 3 + t(x[m + n * 32]));
             out.push(pack(q));
