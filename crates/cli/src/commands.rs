@@ -394,3 +394,69 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct GenModelArgs {
+    /// Output GGUF
+    #[arg(short = 'o', long)]
+    pub out: PathBuf,
+    /// GGUF whose tokenizer.* keys are copied (e.g. ../shared/fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-bpe.gguf)
+    #[arg(long)]
+    pub vocab: PathBuf,
+    /// Shape preset: 2b4t (BitNet b1.58 2B4T) or tiny (256 hidden, 2 blocks, like the test fixtures)
+    #[arg(long, default_value = "2b4t")]
+    pub preset: String,
+    /// Architecture written into the file
+    #[arg(long, default_value = "bitnet-b1.58")]
+    pub arch: String,
+    /// Projection weight type: i2_s, tq2_0, tq1_0, q8_0, f16, f32
+    #[arg(long = "type", default_value = "i2_s")]
+    pub weight_type: String,
+    /// Token embedding / tied head type: f16, q8_0, f32
+    #[arg(long, default_value = "f16")]
+    pub embd_type: String,
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    #[arg(long)]
+    pub layers: Option<usize>,
+    #[arg(long)]
+    pub ffn: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub fn gen_model(a: GenModelArgs) -> Result<()> {
+    use ternlm_gguf::GgmlType;
+    use ternlm_model::generator::{write_random_model, GenSpec};
+    let ty = |s: &str| GgmlType::from_name(s).with_context(|| format!("unknown tensor type '{s}'"));
+    let (wt, et) = (ty(&a.weight_type)?, ty(&a.embd_type)?);
+    let mut spec = match a.preset.as_str() {
+        "2b4t" => GenSpec::bitnet_2b4t(wt, et),
+        "tiny" => GenSpec {
+            n_embd: 256,
+            n_layer: 2,
+            n_ff: 768,
+            n_head: 4,
+            n_head_kv: 1,
+            n_ctx: 512,
+            ..GenSpec::bitnet_2b4t(wt, et)
+        },
+        other => bail!("unknown preset '{other}' (2b4t, tiny)"),
+    };
+    spec.arch = a.arch.clone();
+    spec.seed = a.seed;
+    spec.n_embd = a.hidden.unwrap_or(spec.n_embd);
+    spec.n_layer = a.layers.unwrap_or(spec.n_layer);
+    spec.n_ff = a.ffn.unwrap_or(spec.n_ff);
+    spec.n_head = a.heads.unwrap_or(spec.n_head);
+    spec.n_head_kv = a.kv_heads.unwrap_or(spec.n_head_kv);
+    let t0 = std::time::Instant::now();
+    write_random_model(&spec, &a.vocab, &a.out)?;
+    let size = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    eprintln!("wrote {} ({:.1} MB) in {:.1} s", a.out.display(), size as f64 / 1e6, t0.elapsed().as_secs_f64());
+    Ok(())
+}

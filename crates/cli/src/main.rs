@@ -29,6 +29,8 @@ enum Command {
     Perplexity(commands::PerplexityArgs),
     /// Print the top-K (id, logit) pairs at every prompt position.
     Logits(commands::LogitsArgs),
+    /// Write a random-weight GGUF of any shape and type (for tests and benchmarks).
+    GenModel(commands::GenModelArgs),
 }
 
 fn main() {
@@ -40,6 +42,7 @@ fn main() {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Logits(a) => commands::logits(a),
+        Command::GenModel(a) => commands::gen_model(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

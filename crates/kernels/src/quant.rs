@@ -138,3 +138,31 @@ mod tests {
         assert!(q[..32].iter().all(|&b| b == 0b0101_0101));
     }
 }
+
+/// ggml's `quantize_row_q8_0_ref`: per 32-block, d = max |x| / 127 (f16), q = round(x / d) (half away from zero).
+pub fn quantize_q8_0(src: &[f32]) -> Vec<u8> {
+    assert!(src.len().is_multiple_of(32), "Q8_0 needs a multiple of 32 values");
+    let mut out = Vec::with_capacity(src.len() / 32 * 34);
+    for x in src.chunks_exact(32) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod q8_tests {
+    #[test]
+    fn q8_0_round_trip_is_close() {
+        let x: Vec<f32> = (0..64).map(|i| ((i * 37) % 23) as f32 / 7.0 - 1.5).collect();
+        let q = super::quantize_q8_0(&x);
+        let mut back = vec![0f32; 64];
+        crate::scalar::dequantize_row(crate::GgmlType::Q8_0, &q, &mut back, 1.0).unwrap();
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= 1.6 / 127.0 / 2.0 + 1e-3, "{a} vs {b}");
+        }
+    }
+}

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod generator;
 pub mod kv;
 pub mod ops;
 pub mod perplexity;

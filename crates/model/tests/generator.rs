@@ -1,0 +1,60 @@
+//! `ternlm gen-model` files: the official 2B4T key set and order (as in the bitnet.cpp fixture F1, which copies it),
+//! the same tensor names/shapes/order, and TQ1_0 / TQ2_0 twins that decode to the same weights give bit-identical
+//! logits (both are exact ternary × Q8_K dots with the same f16 scales).
+
+mod common;
+
+use std::sync::Arc;
+use ternlm_gguf::{GgmlType, GgufFile};
+use ternlm_kernels::ThreadPool;
+use ternlm_model::generator::{write_random_model, GenSpec};
+use ternlm_model::{BatchToken, Model};
+
+fn tiny(wt: GgmlType) -> GenSpec {
+    GenSpec {
+        n_embd: 256,
+        n_layer: 2,
+        n_ff: 768,
+        n_head: 4,
+        n_head_kv: 1,
+        n_ctx: 512,
+        ..GenSpec::bitnet_2b4t(wt, GgmlType::F16)
+    }
+}
+
+#[test]
+fn generated_files_match_the_official_layout_and_tq_twins_agree() {
+    let vocab = common::shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-bpe.gguf");
+    let f1 = GgufFile::open(common::shared().join("fixtures/models/tiny-b158-i2s.gguf")).unwrap();
+    let dir = std::env::temp_dir().join(format!("ternlm-gen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = ThreadPool::new(2);
+    let mut logits = Vec::new();
+    for wt in [GgmlType::I2_S, GgmlType::TQ2_0, GgmlType::TQ1_0] {
+        let path = dir.join(format!("tiny-{wt}.gguf"));
+        write_random_model(&tiny(wt), &vocab, &path).unwrap();
+        let f = Arc::new(GgufFile::open(&path).unwrap());
+        let keys: Vec<&str> = f.metadata().iter().map(|(k, _)| k.as_str()).collect();
+        let want: Vec<&str> = f1.metadata().iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, want, "{wt}: metadata keys and their order");
+        assert!(f.get("tokenizer.ggml.pre").is_none());
+        let shapes = |g: &GgufFile| g.tensors().iter().map(|t| (t.name.clone(), t.dims.clone())).collect::<Vec<_>>();
+        assert_eq!(shapes(&f), shapes(&f1), "{wt}: tensor names, shapes and order");
+        for t in f.tensors() {
+            if t.dims.len() == 2 && t.name != "token_embd.weight" {
+                assert_eq!(t.ty, wt, "{}", t.name);
+            }
+        }
+        let tok = ternlm_tokenizer::Tokenizer::from_gguf(&f, None).unwrap();
+        let model = Model::from_gguf(f).unwrap();
+        let ids = tok.encode("The capital of France is", true, false);
+        assert_eq!(ids[0], 128000, "BOS added as the official file asks");
+        let batch: Vec<BatchToken> =
+            ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+        logits.push(model.forward(&batch, &mut model.new_kv_cache(64, 1), &pool).unwrap());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(logits[1], logits[2], "TQ2_0 and TQ1_0 of the same weights must give identical logits");
+    let d = logits[0].iter().zip(&logits[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d < 1.0, "I2_S (per-token activations) and TQ2_0 (per-block) differ by {d}");
+}
