@@ -241,17 +241,75 @@ unsafe fn isum_i2s_avx2(w: &[u8], a: &[u8]) -> i32 {
 
 #[inline(always)]
 unsafe fn i2s_block_acc(w: &[u8], a: &[u8]) -> __m256i {
+    i2s_block_acc_fix::<true>(w, a)
+}
+
+/// The four 2-bit code planes of a block (weights 0..32, 32..64, 64..96, 96..128). With `FIX`, the unused code 3
+/// is mapped to 1 (weight 0); without it the caller guarantees the tensor has no code 3 (checked at load).
+#[inline(always)]
+unsafe fn i2s_codes_avx2<const FIX: bool>(w: &[u8]) -> [__m256i; 4] {
     let m2 = _mm256_set1_epi8(3);
     let one = _mm256_set1_epi8(1);
     let q = load(w);
-    let mut p = _mm256_setzero_si256();
+    let mut out = [_mm256_setzero_si256(); 4];
     for (g, shift) in [6, 4, 2, 0].into_iter().enumerate() {
         let c = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(shift)), m2);
-        let three = _mm256_and_si256(_mm256_and_si256(c, _mm256_srli_epi16(c, 1)), one);
-        let c = _mm256_xor_si256(c, _mm256_add_epi8(three, three));
+        out[g] = if FIX {
+            let three = _mm256_and_si256(_mm256_and_si256(c, _mm256_srli_epi16(c, 1)), one);
+            _mm256_xor_si256(c, _mm256_add_epi8(three, three))
+        } else {
+            c
+        };
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn i2s_block_acc_fix<const FIX: bool>(w: &[u8], a: &[u8]) -> __m256i {
+    let c = i2s_codes_avx2::<FIX>(w);
+    let mut p = _mm256_setzero_si256();
+    for (g, c) in c.into_iter().enumerate() {
         p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c, load(&a[32 * g..])));
     }
     _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+/// I2_S for tensors without code 3: single-token and four-token dots (each token's integer sum is exact, and the
+/// epilogue is the shared one, so results equal the scalar reference bit for bit).
+pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn one(w: &[u8], a: &[u8], k: usize, scale: f32) -> f32 {
+        let mut acc = _mm256_setzero_si256();
+        for (i, b) in w[..k / 4].chunks_exact(32).enumerate() {
+            acc = _mm256_add_epi32(acc, i2s_block_acc_fix::<false>(b, &a[128 * i..]));
+        }
+        epi_i2s(a, k, hsum_i32(acc), scale)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn four(w: &[u8], a: [&[u8]; 4], k: usize, scale: f32) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for (i, b) in w[..k / 4].chunks_exact(32).enumerate() {
+            let c = i2s_codes_avx2::<false>(b);
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let aj = &a[j][128 * i..];
+                let mut p = _mm256_maddubs_epi16(c[0], load(aj));
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[1], load(&aj[32..])));
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[2], load(&aj[64..])));
+                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[3], load(&aj[96..])));
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            }
+        }
+        std::array::from_fn(|j| epi_i2s(a[j], k, hsum_i32(acc[j]), scale))
+    }
+    fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { one(w, a, k, s) }
+    }
+    fn g(w: &[u8], a: [&[u8]; 4], k: usize, s: f32) -> [f32; 4] {
+        // SAFETY: as above.
+        unsafe { four(w, a, k, s) }
+    }
+    (f, g)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

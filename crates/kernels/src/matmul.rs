@@ -62,7 +62,7 @@ impl QMatrix {
         cols: usize,
         backend: Backend,
     ) -> Result<QMatrix, String> {
-        let kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
+        let mut kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
         let block = ty.block_size().max(kernels.act.block());
         if !cols.is_multiple_of(block) {
             return Err(format!(
@@ -74,6 +74,16 @@ impl QMatrix {
             return Err(format!("{ty} matrix {rows}x{cols} needs {expected} bytes, got {}", data.as_slice().len()));
         }
         let scale = if ty == GgmlType::I2_S { scalar::i2s_tensor_scale(data.as_slice()) } else { 1.0 };
+        #[cfg(target_arch = "x86_64")]
+        if ty == GgmlType::I2_S && backend == Backend::Avx2 {
+            // Real files never use code 3; one scan at load lets the kernels skip the per-block fix-up.
+            let body = &data.as_slice()[..rows * cols / 4];
+            if !scalar::i2s_has_code3(body) {
+                let (dot, dot4) = crate::avx2::i2s_clean_kernels();
+                kernels.dot = dot;
+                kernels.dot4 = Some(dot4);
+            }
+        }
         let row_bytes = ty.row_bytes(cols);
         Ok(QMatrix { rows, cols, scale, row_bytes, data, kernels })
     }

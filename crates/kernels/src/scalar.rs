@@ -237,6 +237,11 @@ pub fn i2s_codes(b: &[u8], c: &mut [i8; 128]) {
     }
 }
 
+/// Whether packed I2_S bytes contain the unused code 3 (which readers treat as weight 0).
+pub fn i2s_has_code3(packed: &[u8]) -> bool {
+    packed.iter().fold(0u8, |acc, &b| acc | (b & (b >> 1) & 0x55)) != 0
+}
+
 /// The per-tensor scale in an I2_S tensor's 32-byte tail.
 pub fn i2s_tensor_scale(tensor: &[u8]) -> f32 {
     f32_at(tensor, tensor.len() - 32)

@@ -59,6 +59,12 @@ fn i2s_matrix(codes: &[u8], rows: usize, k: usize, scale: f32, backend: Backend)
     QMatrix::with_backend(GgmlType::I2_S, WeightBytes::owned(bytes), rows, k, backend).unwrap()
 }
 
+#[test]
+fn code3_detection() {
+    assert!(!ternlm_kernels::scalar::i2s_has_code3(&[0b1001_0100, 0b0110_0010]));
+    assert!(ternlm_kernels::scalar::i2s_has_code3(&[0b0000_1100]));
+}
+
 /// Exact integer result for comparison: (Σ c·q − Σ q) / s · w_scale with i64 sums.
 fn exact(codes: &[u8], q: &[u8], k: usize, w_scale: f32) -> f32 {
     let sq: i64 = (0..k).map(|i| q[i] as i8 as i64).sum();
@@ -101,6 +107,12 @@ fn i2s_adversarial_and_random_shapes_are_exact() {
                 _ => (rnd() % 2001) as f32 / 1000.0 - 1.0,
             })
             .collect();
+        // Five activation rows (the batched four-token kernel plus one single): the first is the pattern above.
+        let mut x5 = x.clone();
+        for t in 1..5 {
+            x5.extend(x.iter().enumerate().map(|(i, v)| if (i + t) % 3 == 0 { -v } else { *v * (t as f32) }));
+        }
+        let q5 = QuantizedActs::quantize(ActType::I8PerToken, &x5, k);
         let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
         if pattern == 1 {
             assert!(q.row(0)[..k].iter().all(|&b| b as i8 == 127), "activations at the int8 extreme");
@@ -112,6 +124,14 @@ fn i2s_adversarial_and_random_shapes_are_exact() {
             for r in 0..rows {
                 let want = exact(&codes[r * k..(r + 1) * k], q.row(0), k, 0.75);
                 assert_eq!(out[r].to_bits(), want.to_bits(), "{backend:?} rows={rows} k={k} pattern={pattern} row {r}");
+            }
+            let mut out5 = vec![0f32; rows * 5];
+            m.matmul(&q5, &mut out5, &pool);
+            for t in 0..5 {
+                for r in 0..rows {
+                    let want = exact(&codes[r * k..(r + 1) * k], q5.row(t), k, 0.75);
+                    assert_eq!(out5[t * rows + r].to_bits(), want.to_bits(), "{backend:?} batched token {t} row {r}");
+                }
             }
         }
     }
