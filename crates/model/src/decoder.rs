@@ -22,6 +22,8 @@ use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
 pub struct Linear {
     pub w: QMatrix,
     pub bias: Option<Vec<f32>>,
+    /// Optional per-tensor output scale (`<name>.scale`, as in 1bitLLM `bitnet` files), applied before the bias.
+    pub scale: Option<f32>,
 }
 
 impl Linear {
@@ -36,6 +38,9 @@ impl Linear {
             *q = Some(quantize_parallel(act, x, self.w.cols, pool));
         }
         self.w.matmul(q.as_ref().expect("set above"), out, pool);
+        if let Some(s) = self.scale {
+            out.iter_mut().for_each(|o| *o *= s);
+        }
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -150,7 +155,8 @@ impl Loader<'_> {
     fn linear(&self, name: &str, cols: usize, rows: usize) -> Result<Linear> {
         let w = self.matrix(&format!("{name}.weight"), cols, rows)?;
         let bias = self.opt_vector(&format!("{name}.bias"), rows)?;
-        Ok(Linear { w, bias })
+        let scale = self.opt_vector(&format!("{name}.scale"), 1)?.map(|v| v[0]);
+        Ok(Linear { w, bias, scale })
     }
 }
 

@@ -30,6 +30,8 @@ struct Variant {
     sub_norms: bool,
     relu2: bool,
     tied: bool,
+    /// Per-tensor `.scale` tensors on the projections (1bitLLM `bitnet` files).
+    scales: bool,
 }
 
 type Weights = HashMap<String, (Vec<u64>, Vec<f32>)>;
@@ -69,6 +71,11 @@ fn make_weights(arch: &str, v: Variant, seed: u64) -> Weights {
         if v.qk_norm {
             add(p("attn_q_norm.weight"), vec![HD as u64], 0.3, 1.0);
             add(p("attn_k_norm.weight"), vec![HD as u64], 0.3, 1.0);
+        }
+        if v.scales {
+            for proj in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+                add(p(&format!("{proj}.scale")), vec![1], 0.5, 1.0);
+            }
         }
         if v.sub_norms {
             add(p("attn_sub_norm.weight"), vec![qd], 0.3, 1.0);
@@ -129,6 +136,16 @@ fn rope(x: &mut [f64], pos: usize, neox: bool) {
     }
 }
 
+/// W·x, times the tensor's `.scale` when the variant has one.
+fn proj(w: &Weights, v: Variant, name: &str, x: &[f64], rows: usize) -> Vec<f64> {
+    let mut y = matvec(t(w, &format!("{name}.weight")), x, rows);
+    if v.scales {
+        let s = t(w, &format!("{name}.scale"))[0] as f64;
+        y.iter_mut().for_each(|y| *y *= s);
+    }
+    y
+}
+
 fn reference(w: &Weights, v: Variant, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (qd, kvd) = (N_HEAD * HD, N_KV * HD);
     let mut kc: Vec<Vec<Vec<f64>>> = vec![vec![]; N_LAYER];
@@ -140,9 +157,9 @@ fn reference(w: &Weights, v: Variant, tokens: &[u32]) -> Vec<Vec<f64>> {
         for l in 0..N_LAYER {
             let p = |s: &str| format!("blk.{l}.{s}");
             let h = rmsnorm(&x, t(w, &p("attn_norm.weight")));
-            let mut q = matvec(t(w, &p("attn_q.weight")), &h, qd);
-            let mut k = matvec(t(w, &p("attn_k.weight")), &h, kvd);
-            let mut vv = matvec(t(w, &p("attn_v.weight")), &h, kvd);
+            let mut q = proj(w, v, &p("attn_q"), &h, qd);
+            let mut k = proj(w, v, &p("attn_k"), &h, kvd);
+            let mut vv = proj(w, v, &p("attn_v"), &h, kvd);
             if v.biases {
                 for (a, b) in [(&mut q, "attn_q.bias"), (&mut k, "attn_k.bias"), (&mut vv, "attn_v.bias")] {
                     a.iter_mut().zip(t(w, &p(b))).for_each(|(a, b)| *a += *b as f64);
@@ -183,11 +200,11 @@ fn reference(w: &Weights, v: Variant, tokens: &[u32]) -> Vec<Vec<f64>> {
             if v.sub_norms {
                 o = rmsnorm(&o, t(w, &p("attn_sub_norm.weight")));
             }
-            let a = matvec(t(w, &p("attn_output.weight")), &o, D);
+            let a = proj(w, v, &p("attn_output"), &o, D);
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             let h = rmsnorm(&x, t(w, &p("ffn_norm.weight")));
-            let g = matvec(t(w, &p("ffn_gate.weight")), &h, FF);
-            let u = matvec(t(w, &p("ffn_up.weight")), &h, FF);
+            let g = proj(w, v, &p("ffn_gate"), &h, FF);
+            let u = proj(w, v, &p("ffn_up"), &h, FF);
             let mut act: Vec<f64> = g
                 .iter()
                 .zip(&u)
@@ -196,7 +213,7 @@ fn reference(w: &Weights, v: Variant, tokens: &[u32]) -> Vec<Vec<f64>> {
             if v.sub_norms {
                 act = rmsnorm(&act, t(w, &p("ffn_sub_norm.weight")));
             }
-            let dn = matvec(t(w, &p("ffn_down.weight")), &act, D);
+            let dn = proj(w, v, &p("ffn_down"), &act, D);
             x.iter_mut().zip(&dn).for_each(|(x, d)| *x += d);
         }
         let xn = rmsnorm(&x, t(w, "output_norm.weight"));
@@ -239,7 +256,7 @@ fn check(arch: &str, v: Variant, wrong: Variant) {
 }
 
 const BASE_V: Variant =
-    Variant { neox: false, biases: false, qk_norm: false, sub_norms: false, relu2: false, tied: false };
+    Variant { neox: false, biases: false, qk_norm: false, sub_norms: false, relu2: false, tied: false, scales: false };
 
 #[test]
 fn llama_interleaved_rope() {
@@ -268,4 +285,10 @@ fn bitnet_b158_sub_norms_relu2_tied_head() {
 fn bitnet_sub_norms_silu() {
     let v = Variant { neox: true, sub_norms: true, ..BASE_V };
     check("bitnet", v, Variant { relu2: true, ..v });
+}
+
+#[test]
+fn bitnet_per_tensor_scales() {
+    let v = Variant { neox: true, sub_norms: true, scales: true, ..BASE_V };
+    check("bitnet", v, Variant { scales: false, ..v });
 }

@@ -121,3 +121,20 @@ fn f2_bitnet_i2s_f16_head() {
 fn f3_bitnet_b158_tq2_0() {
     check_fixture("tiny-b158-tq2_0");
 }
+
+/// The 2B4T file has no `tokenizer.ggml.pre`: by default ternlm matches bitnet.cpp (llama.cpp's `default` rules),
+/// and `--pre llama3` gives the rules the model was trained with.
+#[test]
+fn pre_tokenizer_default_vs_llama3() {
+    let f = GgufFile::open(dir().join("tiny-b158-i2s.gguf")).unwrap();
+    let default = Tokenizer::from_gguf(&f, None).unwrap();
+    let llama3 = Tokenizer::from_gguf(&f, Some("llama3")).unwrap();
+    assert_eq!(default.pre_tokenizer_name(), Some("default"));
+    let text = "the 1.58-bit model's ternary weights";
+    let (a, b) = (default.encode(text, false, false), llama3.encode(text, false, false));
+    let piece = |t: &Tokenizer, id: u32| String::from_utf8(t.token_to_piece(id, false)).unwrap();
+    assert!(a.iter().any(|&i| piece(&default, i) == "'") && a.iter().any(|&i| piece(&default, i) == "s"));
+    assert!(b.iter().any(|&i| piece(&llama3, i) == "'s"), "llama3 rules keep the contraction");
+    assert_eq!(default.decode(&a, false), text);
+    assert_eq!(llama3.decode(&b, false), text);
+}
