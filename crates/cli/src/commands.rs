@@ -97,6 +97,10 @@ pub struct ModelArgs {
     /// Override the BPE pre-tokenizer named in the file (e.g. llama3)
     #[arg(long)]
     pub pre: Option<String>,
+    /// Activation quantization for TQ1_0/TQ2_0 weights: per-block (llama.cpp's Q8_K, the default, matches llama.cpp
+    /// and bitnet.cpp outputs) or per-token (BitNet's training semantics, as I2_S uses)
+    #[arg(long, default_value = "per-block")]
+    pub tq_acts: String,
 }
 
 pub struct Loaded {
@@ -110,7 +114,12 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
         let file = Arc::new(GgufFile::open(&self.model)?);
         let tok = Tokenizer::from_gguf(&file, self.pre.as_deref())?;
-        let model = Model::from_gguf(file)?;
+        let mut model = Model::from_gguf(file)?;
+        match self.tq_acts.as_str() {
+            "per-block" => {}
+            "per-token" => model.use_per_token_tq_acts(),
+            other => bail!("--tq-acts must be per-block or per-token, not '{other}'"),
+        }
         let threads =
             self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let n_ctx = self.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(4096)).max(16);

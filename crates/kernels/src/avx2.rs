@@ -232,6 +232,79 @@ unsafe fn isum_tq1_0_avx2(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(acc) + tail - q8k_bsum_all(a)
 }
 
+/// Σ (t − 1)·q over one TQ block against 256 raw int8 activations (per-token semantics).
+#[inline(always)]
+unsafe fn tq_raw_block_isum(trit_vecs: [__m256i; 8], a: &[u8]) -> i32 {
+    let ones = _mm256_set1_epi8(1);
+    let (mut acc, mut sq) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for (i, t) in trit_vecs.into_iter().enumerate() {
+        let y = load(&a[32 * i..]);
+        acc = _mm256_add_epi32(acc, mul_sum_us8(t, y));
+        sq = _mm256_add_epi32(sq, mul_sum_us8(ones, y));
+    }
+    hsum_i32(acc) - hsum_i32(sq)
+}
+
+/// The eight 32-trit vectors of a TQ2_0 block, in weight order.
+#[inline(always)]
+unsafe fn tq2_0_trit_vecs(w: &[u8]) -> [__m256i; 8] {
+    let m2 = _mm256_set1_epi8(3);
+    let mut v = [_mm256_setzero_si256(); 8];
+    for j in 0..2 {
+        let q = load(&w[32 * j..]);
+        for l in 0..4 {
+            v[4 * j + l] = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * l as i32)), m2);
+        }
+    }
+    v
+}
+
+/// TQ1_0 / TQ2_0 × per-token int8 activations (see `scalar::dot_row_tq_per_token`). Callers must have checked
+/// AVX2, FMA and F16C.
+pub(crate) fn tq_per_token_row_dot(ty: GgmlType) -> crate::dot::RowDot {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tq2(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+        let mut acc = 0f32;
+        for (b, wb) in w[..k / 256 * 66].chunks_exact(66).enumerate() {
+            acc += h16(wb, 64) * tq_raw_block_isum(tq2_0_trit_vecs(wb), &a[256 * b..]) as f32;
+        }
+        acc / crate::f32_at(a, k)
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tq1(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+        const POW3: [i16; 5] = [1, 3, 9, 27, 81];
+        let mut acc = 0f32;
+        for (b, wb) in w[..k / 256 * 54].chunks_exact(54).enumerate() {
+            let ab = &a[256 * b..];
+            let q = load(wb);
+            let (mut s, mut sq) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for (n, &p) in POW3.iter().enumerate() {
+                let y = load(&ab[32 * n..]);
+                s = _mm256_add_epi32(s, mul_sum_us8(tq1_trits(q, p), y));
+                sq = _mm256_add_epi32(sq, mul_sum_us8(_mm256_set1_epi8(1), y));
+            }
+            let t = tq1_0_trits(wb);
+            let tail: i32 = (160..256).map(|i| (t[i] as i32 - 1) * (ab[i] as i8 as i32)).sum();
+            let isum = hsum_i32(s) - hsum_i32(sq) + tail;
+            acc += h16(wb, 52) * isum as f32;
+        }
+        acc / crate::f32_at(a, k)
+    }
+    fn f2(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { tq2(w, a, k, s) }
+    }
+    fn f1(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { tq1(w, a, k, s) }
+    }
+    if ty == GgmlType::TQ1_0 {
+        f1
+    } else {
+        f2
+    }
+}
+
 /// Σ c·q over one I2_S block of 128 weights. Codes are 0..2 (3 is mapped to 1); four maddubs results summed in
 /// int16 stay within 4·2·2·127 = 2032, then widen to int32 — exact, unlike an int16 accumulation across blocks.
 #[target_feature(enable = "avx2,fma,f16c")]

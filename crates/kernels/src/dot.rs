@@ -68,6 +68,28 @@ impl Kernels {
         Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None }
     }
 
+    /// TQ1_0 / TQ2_0 with BitNet's per-token int8 activations (the default for TQ types is llama.cpp's per-block
+    /// Q8_K, which is what llama.cpp and bitnet.cpp compute).
+    pub fn tq_per_token(ty: GgmlType, backend: Backend) -> Result<Kernels, UnsupportedType> {
+        fn s1(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+            scalar::dot_row_tq_per_token(GgmlType::TQ1_0, w, a, k)
+        }
+        fn s2(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+            scalar::dot_row_tq_per_token(GgmlType::TQ2_0, w, a, k)
+        }
+        let scalar_fn: RowDot = match ty {
+            GgmlType::TQ1_0 => s1,
+            GgmlType::TQ2_0 => s2,
+            other => return Err(UnsupportedType(other)),
+        };
+        let dot = match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => crate::avx2::tq_per_token_row_dot(ty),
+            _ => scalar_fn,
+        };
+        Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4: None })
+    }
+
     pub fn detect(ty: GgmlType) -> Result<Kernels, UnsupportedType> {
         Self::new(ty, Backend::detect())
     }

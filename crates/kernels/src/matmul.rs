@@ -88,6 +88,13 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, scale, row_bytes, data, kernels })
     }
 
+    /// For TQ1_0 / TQ2_0: use BitNet's per-token int8 activations instead of per-block Q8_K.
+    pub fn use_per_token_acts(&mut self) {
+        if let Ok(k) = Kernels::tq_per_token(self.ty(), self.kernels.backend) {
+            self.kernels = k;
+        }
+    }
+
     /// For F16 weights: dot with f32 activations instead of converting them to f16 (bitnet.cpp's arithmetic).
     pub fn use_f32_activations(&mut self) {
         if self.ty() == GgmlType::F16 {

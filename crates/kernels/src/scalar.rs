@@ -398,6 +398,22 @@ pub fn epi_i2s(a_row: &[u8], k: usize, sum_cq: i32, w_scale: f32) -> f32 {
     (sum_cq - sum_q) as f32 / s * w_scale
 }
 
+/// TQ1_0 / TQ2_0 with BitNet's per-token int8 activations (instead of llama.cpp's per-block Q8_K):
+/// `y = (Σ_blocks d_b · Σ_{i∈b} (t_i − 1)·q_i) / s`, the block sums exact in int32.
+pub fn dot_row_tq_per_token(ty: GgmlType, w: &[u8], a: &[u8], k: usize) -> f32 {
+    let bb = ty.block_bytes();
+    let mut acc = 0f32;
+    for (b, wb) in w[..k / 256 * bb].chunks_exact(bb).enumerate() {
+        let (t, d) = match ty {
+            GgmlType::TQ1_0 => (tq1_0_trits(wb), f16_at(wb, 52)),
+            _ => (tq2_0_trits(wb), f16_at(wb, 64)),
+        };
+        let isum: i32 = (0..256).map(|i| (t[i] as i32 - 1) * a8(a, 256 * b + i)).sum();
+        acc += d * isum as f32;
+    }
+    acc / f32_at(a, k)
+}
+
 /// Reference row dot of a weight row `w` (type `ty`, `k` weights) with one activation row in `ActType::for_weight(ty)`.
 pub fn dot_row(ty: GgmlType, w: &[u8], a: &[u8], k: usize, i2s_scale: f32) -> Result<f32, UnsupportedType> {
     use GgmlType::*;

@@ -136,3 +136,40 @@ fn i2s_adversarial_and_random_shapes_are_exact() {
         }
     }
 }
+
+/// Per-token TQ kernels: AVX2 equals the scalar reference bit for bit, and both equal exact integer math.
+#[test]
+fn tq_per_token_kernels() {
+    use ternlm_kernels::dot::Kernels;
+    use ternlm_kernels::quant::{quantize_tq1_0, quantize_tq2_0};
+    let k = 1024;
+    let mut seed = 5u32;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    };
+    let w: Vec<f32> = (0..k).map(|i| ((rnd() % 3) as f32 - 1.0) * if i < 512 { 0.5 } else { 0.25 }).collect();
+    let x: Vec<f32> = (0..k).map(|_| (rnd() % 2001) as f32 / 500.0 - 2.0).collect();
+    let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
+    let a = q.row(0);
+    for (ty, bytes) in [(GgmlType::TQ2_0, quantize_tq2_0(&w)), (GgmlType::TQ1_0, quantize_tq1_0(&w))] {
+        let reference = (Kernels::tq_per_token(ty, Backend::Scalar).unwrap().dot)(&bytes, a, k, 1.0);
+        // Exact: blocks 0–1 have d = 0.5, blocks 2–3 d = 0.25.
+        let isum = |r: std::ops::Range<usize>| -> i64 {
+            r.map(|i| (w[i] / if i < 512 { 0.5 } else { 0.25 }) as i64 * a[i] as i8 as i64).sum()
+        };
+        let s = f32::from_le_bytes(a[k..k + 4].try_into().unwrap());
+        let want = (0.5 * (isum(0..256) as f32)
+            + 0.5 * (isum(256..512) as f32)
+            + 0.25 * (isum(512..768) as f32)
+            + 0.25 * (isum(768..1024) as f32))
+            / s;
+        assert_eq!(reference.to_bits(), want.to_bits(), "{ty}");
+        if Backend::detect() == Backend::Avx2 {
+            let simd = (Kernels::tq_per_token(ty, Backend::Avx2).unwrap().dot)(&bytes, a, k, 1.0);
+            assert_eq!(simd.to_bits(), reference.to_bits(), "{ty} AVX2 vs scalar");
+        }
+    }
+}

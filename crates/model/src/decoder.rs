@@ -215,6 +215,17 @@ impl Model {
         Ok(Model { cfg, file: f, tok_embd, layers, output_norm, output, rope_freqs })
     }
 
+    /// Switches TQ1_0 / TQ2_0 projections to BitNet's per-token int8 activations (the semantics the model was
+    /// trained with, and the one I2_S uses). The default is llama.cpp's per-256-block Q8_K, which llama.cpp and
+    /// bitnet.cpp compute for TQ files, so that outputs agree with theirs.
+    pub fn use_per_token_tq_acts(&mut self) {
+        for l in &mut self.layers {
+            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                lin.w.use_per_token_acts();
+            }
+        }
+    }
+
     pub fn head(&self) -> &QMatrix {
         self.output.as_ref().unwrap_or(&self.tok_embd)
     }

@@ -58,3 +58,36 @@ fn generated_files_match_the_official_layout_and_tq_twins_agree() {
     let d = logits[0].iter().zip(&logits[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(d < 1.0, "I2_S (per-token activations) and TQ2_0 (per-block) differ by {d}");
 }
+
+/// With per-token activations, a TQ2_0 file computes what the I2_S file of the same weights computes (BitNet
+/// semantics) up to float summation order; with llama.cpp's per-block Q8_K they differ by int8 rounding effects.
+#[test]
+fn tq_per_token_semantics_reproduce_i2s() {
+    let vocab = common::shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-bpe.gguf");
+    let dir = std::env::temp_dir().join(format!("ternlm-tq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = ThreadPool::new(2);
+    let run = |wt: GgmlType, per_token: bool| {
+        let path = dir.join(format!("{wt}.gguf"));
+        if !path.exists() {
+            write_random_model(&tiny(wt), &vocab, &path).unwrap();
+        }
+        let mut model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
+        if per_token {
+            model.use_per_token_tq_acts();
+        }
+        let ids = [128000u32, 791, 6864, 315, 9822, 374, 12366, 13];
+        let batch: Vec<BatchToken> =
+            ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+        model.forward(&batch, &mut model.new_kv_cache(16, 1), &pool).unwrap()
+    };
+    let i2s = run(GgmlType::I2_S, false);
+    let tq_tok = run(GgmlType::TQ2_0, true);
+    let tq_blk = run(GgmlType::TQ2_0, false);
+    std::fs::remove_dir_all(&dir).ok();
+    let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let (d_tok, d_blk) = (diff(&i2s, &tq_tok), diff(&i2s, &tq_blk));
+    eprintln!("I2_S vs TQ2_0 per-token: {d_tok:.2e}; vs per-block: {d_blk:.2e}");
+    assert!(d_tok < 1e-3, "per-token TQ2_0 should reproduce I2_S, differs by {d_tok}");
+    assert!(d_blk > 10.0 * d_tok, "per-block semantics should be measurably different");
+}
