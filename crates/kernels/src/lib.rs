@@ -17,6 +17,7 @@ pub mod matmul;
 pub mod pool;
 pub mod quant;
 pub mod scalar;
+mod vnni;
 
 pub use act::{ActType, QuantizedActs};
 pub use dot::{Backend, Kernels};

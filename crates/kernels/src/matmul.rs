@@ -80,7 +80,8 @@ impl QMatrix {
             let body = &data.as_slice()[..rows * cols / 4];
             if !scalar::i2s_has_code3(body) {
                 let (dot, dot4) = crate::avx2::i2s_clean_kernels();
-                kernels.dot = dot;
+                // Decode uses VNNI where the CPU has it; prompts keep the AVX2 four-token kernel. Both are exact.
+                kernels.dot = crate::vnni::x86::i2s_row_dot().unwrap_or(dot);
                 kernels.dot4 = Some(dot4);
             }
         }
