@@ -91,3 +91,31 @@ fn tq_per_token_semantics_reproduce_i2s() {
     assert!(d_tok < 1e-3, "per-token TQ2_0 should reproduce I2_S, differs by {d_tok}");
     assert!(d_blk > 10.0 * d_tok, "per-block semantics should be measurably different");
 }
+
+/// `llama` with ternary weights (Falcon3-1.58bit / Llama3-8B-1.58 style: no sub-norms, SiLU, interleaved RoPE):
+/// I2_S and per-token TQ2_0 files of the same weights run and agree.
+#[test]
+fn llama_arch_with_ternary_weights() {
+    let vocab = common::shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-bpe.gguf");
+    let dir = std::env::temp_dir().join(format!("ternlm-llama-tern-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pool = ThreadPool::new(2);
+    let mut out = Vec::new();
+    for wt in [GgmlType::I2_S, GgmlType::TQ2_0] {
+        let path = dir.join(format!("llama-{wt}.gguf"));
+        write_random_model(&GenSpec { arch: "llama".into(), ..tiny(wt) }, &vocab, &path).unwrap();
+        let f = Arc::new(GgufFile::open(&path).unwrap());
+        assert!(f.tensor_info("blk.0.attn_sub_norm.weight").is_none());
+        let mut model = Model::from_gguf(f).unwrap();
+        assert_eq!(model.cfg.arch, "llama");
+        model.use_per_token_tq_acts();
+        let ids = [128000u32, 791, 6864, 315, 9822, 374];
+        let batch: Vec<BatchToken> =
+            ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+        out.push(model.forward(&batch, &mut model.new_kv_cache(16, 1), &pool).unwrap());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    let d = out[0].iter().zip(&out[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(out[0].iter().all(|v| v.is_finite()));
+    assert!(d < 1e-3, "llama I2_S vs per-token TQ2_0 differ by {d}");
+}
