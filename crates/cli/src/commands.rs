@@ -445,15 +445,7 @@ pub fn gen_model(a: GenModelArgs) -> Result<()> {
     let (wt, et) = (ty(&a.weight_type)?, ty(&a.embd_type)?);
     let mut spec = match a.preset.as_str() {
         "2b4t" => GenSpec::bitnet_2b4t(wt, et),
-        "tiny" => GenSpec {
-            n_embd: 256,
-            n_layer: 2,
-            n_ff: 768,
-            n_head: 4,
-            n_head_kv: 1,
-            n_ctx: 512,
-            ..GenSpec::bitnet_2b4t(wt, et)
-        },
+        "tiny" => GenSpec::tiny(wt, et),
         other => bail!("unknown preset '{other}' (2b4t, tiny)"),
     };
     spec.arch = a.arch.clone();

@@ -26,6 +26,19 @@ pub struct GenSpec {
 }
 
 impl GenSpec {
+    /// The shape of the bitnet.cpp test fixtures: hidden 256, 2 blocks, FFN 768, 4/1 heads, context 512.
+    pub fn tiny(weight_type: GgmlType, embd_type: GgmlType) -> GenSpec {
+        GenSpec {
+            n_embd: 256,
+            n_layer: 2,
+            n_ff: 768,
+            n_head: 4,
+            n_head_kv: 1,
+            n_ctx: 512,
+            ..Self::bitnet_2b4t(weight_type, embd_type)
+        }
+    }
+
     /// BitNet b1.58 2B4T: hidden 2560, 30 blocks, FFN 6912, 20/5 heads, context 4096, RoPE base 500000.
     pub fn bitnet_2b4t(weight_type: GgmlType, embd_type: GgmlType) -> GenSpec {
         GenSpec {

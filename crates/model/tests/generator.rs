@@ -11,15 +11,7 @@ use ternlm_model::generator::{write_random_model, GenSpec};
 use ternlm_model::{BatchToken, Model};
 
 fn tiny(wt: GgmlType) -> GenSpec {
-    GenSpec {
-        n_embd: 256,
-        n_layer: 2,
-        n_ff: 768,
-        n_head: 4,
-        n_head_kv: 1,
-        n_ctx: 512,
-        ..GenSpec::bitnet_2b4t(wt, GgmlType::F16)
-    }
+    GenSpec::tiny(wt, GgmlType::F16)
 }
 
 #[test]
