@@ -1,5 +1,6 @@
 //! `ternlm`: a thin command-line layer over the ternlm crates.
 
+mod bench;
 mod commands;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Write a random-weight GGUF of any shape and type (for tests and benchmarks).
     GenModel(commands::GenModelArgs),
+    /// Prompt and generation speed, like llama-bench (with --json), plus memory and bandwidth figures.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -43,6 +46,7 @@ fn main() {
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Logits(a) => commands::logits(a),
         Command::GenModel(a) => commands::gen_model(a),
+        Command::Bench(a) => bench::bench(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -1,0 +1,267 @@
+//! `ternlm bench`: llama-bench-style measurements. For each thread count: prompt processing (one batch of
+//! `n_prompt` tokens from an empty cache) and generation (`n_gen` single-token decodes from an empty cache), each
+//! repeated, reported as mean ± stddev (llama-bench's fields) and median; plus load time, peak RSS, weight bytes read
+//! per generated token, the achieved read bandwidth, and the machine's own read bandwidth from a short probe, so
+//! every generation result states its share of the memory roofline.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use ternlm_gguf::GgufFile;
+use ternlm_kernels::ThreadPool;
+use ternlm_model::{BatchToken, Model};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// GGUF model file
+    #[arg(short = 'm', long)]
+    pub model: PathBuf,
+    /// Prompt lengths to test (comma-separated; 0 skips prompt tests)
+    #[arg(short = 'p', long = "n-prompt", default_value = "128", value_delimiter = ',')]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to test (comma-separated; 0 skips generation tests)
+    #[arg(short = 'n', long = "n-gen", default_value = "128", value_delimiter = ',')]
+    pub n_gen: Vec<usize>,
+    /// Thread counts (comma-separated)
+    #[arg(short = 't', long, default_value = "2", value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Repetitions per test
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// One JSON array of records instead of the table
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the memory-bandwidth probe
+    #[arg(long)]
+    pub no_probe: bool,
+}
+
+#[derive(Debug)]
+struct Record {
+    n_prompt: usize,
+    n_gen: usize,
+    n_threads: usize,
+    samples: Vec<f64>,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
+    (m, var.sqrt())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Read bandwidth in GB/s: every thread sums its share of a 512 MiB buffer; best of several passes.
+pub fn bandwidth_probe(pool: &ThreadPool) -> f64 {
+    let n = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let chunks = pool.n_threads() * 8;
+    let per = n.div_ceil(chunks);
+    let sink = std::sync::atomic::AtomicU64::new(0);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        pool.run(chunks, &|c| {
+            let s = &buf[(c * per).min(n)..((c + 1) * per).min(n)];
+            // Four independent sums keep the loop bound by loads, not by the add chain.
+            let mut acc = [0u64; 4];
+            for q in s.chunks_exact(4) {
+                for i in 0..4 {
+                    acc[i] = acc[i].wrapping_add(q[i]);
+                }
+            }
+            sink.fetch_add(acc.iter().fold(0, |a, b| a.wrapping_add(*b)), std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    std::hint::black_box(sink.into_inner());
+    best
+}
+
+/// Weight bytes read to generate one token: every matrix once, the head once; an untied embedding only one row.
+fn bytes_per_token(model: &Model) -> u64 {
+    let f = &model.file;
+    let tied = f.tensor_info("output.weight").is_none() || model.cfg.force_tied_head;
+    f.tensors()
+        .iter()
+        .map(|t| if t.name == "token_embd.weight" && !tied { t.size / t.n_rows().max(1) as u64 } else { t.size })
+        .sum()
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let file = Arc::new(GgufFile::open(&a.model)?);
+    let model = Model::from_gguf(file)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let bpt = bytes_per_token(&model);
+    let n_vocab = model.cfg.n_vocab as u32;
+    let max_ctx = a.n_prompt.iter().chain(&a.n_gen).copied().max().unwrap_or(1).max(1);
+    let mut kv = model.new_kv_cache(max_ctx + 1, 1);
+    let mut records = Vec::new();
+    let mut probes: Vec<(usize, Option<f64>)> = Vec::new();
+    for &threads in &a.threads {
+        let pool = ThreadPool::new(threads.max(1));
+        // A fixed pseudo-random token sequence (the content does not change the cost).
+        let tokens: Vec<u32> = (0..max_ctx as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % n_vocab).collect();
+        // Warm-up: touches every weight page once.
+        model.forward(&[BatchToken { token: tokens[0], pos: 0, seq: 0, logits: true }], &mut kv, &pool)?;
+        for &np in a.n_prompt.iter().filter(|&&n| n > 0) {
+            let mut samples = Vec::new();
+            for _ in 0..a.reps {
+                kv.truncate(0, 0);
+                let batch: Vec<BatchToken> = tokens[..np]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: i + 1 == np })
+                    .collect();
+                let t = Instant::now();
+                model.forward(&batch, &mut kv, &pool)?;
+                samples.push(np as f64 / t.elapsed().as_secs_f64());
+            }
+            records.push(Record { n_prompt: np, n_gen: 0, n_threads: threads, samples });
+        }
+        for &ng in a.n_gen.iter().filter(|&&n| n > 0) {
+            let mut samples = Vec::new();
+            for _ in 0..a.reps {
+                kv.truncate(0, 0);
+                let t = Instant::now();
+                for (i, &tok) in tokens[..ng].iter().enumerate() {
+                    model.forward(&[BatchToken { token: tok, pos: i, seq: 0, logits: true }], &mut kv, &pool)?;
+                }
+                samples.push(ng as f64 / t.elapsed().as_secs_f64());
+            }
+            records.push(Record { n_prompt: 0, n_gen: ng, n_threads: threads, samples });
+        }
+    }
+    // Peak RSS before the probe, whose own buffer would otherwise count.
+    let rss = peak_rss();
+    for &threads in &a.threads {
+        let probe = if a.no_probe { None } else { Some(bandwidth_probe(&ThreadPool::new(threads.max(1)))) };
+        probes.push((threads, probe));
+    }
+    let name = a.model.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+    let size = std::fs::metadata(&a.model).with_context(|| a.model.display().to_string())?.len();
+    let probe_for = |t: usize| probes.iter().find(|p| p.0 == t).and_then(|p| p.1);
+    if a.json {
+        let out: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let (avg, sd) = mean_std(&r.samples);
+                let gbps = (r.n_gen > 0).then(|| bpt as f64 * median(&r.samples) / 1e9);
+                let probe = probe_for(r.n_threads);
+                serde_json::json!({
+                    "model_filename": name,
+                    "model_size": size,
+                    "model_type": model.cfg.arch,
+                    "n_prompt": r.n_prompt,
+                    "n_gen": r.n_gen,
+                    "n_threads": r.n_threads,
+                    "avg_ts": avg,
+                    "stddev_ts": sd,
+                    "samples_ts": r.samples,
+                    "median_ts": median(&r.samples),
+                    "load_ms": load_ms,
+                    "peak_rss_bytes": rss,
+                    "weight_bytes_per_token": bpt,
+                    "achieved_gbps": gbps,
+                    "probe_gbps": probe,
+                    "roofline_pct": gbps.zip(probe).map(|(g, p)| 100.0 * g / p),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "model: {name} ({:.2} GB, {}), load {:.0} ms, weights read per token {:.3} GB, peak RSS {}",
+        size as f64 / 1e9,
+        model.cfg.arch,
+        load_ms,
+        bpt as f64 / 1e9,
+        rss.map_or("?".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
+    );
+    for (t, p) in &probes {
+        if let Some(p) = p {
+            println!("read bandwidth probe, {t} thread(s): {p:.1} GB/s");
+        }
+    }
+    println!("| threads | test | t/s (mean ± sd) | median t/s | GB/s | % of probe |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for r in &records {
+        let (avg, sd) = mean_std(&r.samples);
+        let med = median(&r.samples);
+        let test = if r.n_gen > 0 { format!("tg{}", r.n_gen) } else { format!("pp{}", r.n_prompt) };
+        let (gbps, pct) = if r.n_gen > 0 {
+            let g = bpt as f64 * med / 1e9;
+            (format!("{g:.1}"), probe_for(r.n_threads).map_or("-".into(), |p| format!("{:.0}%", 100.0 * g / p)))
+        } else {
+            ("-".into(), "-".into())
+        };
+        println!("| {} | {test} | {avg:.2} ± {sd:.2} | {med:.2} | {gbps} | {pct} |", r.n_threads);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0, 4.0]);
+        assert!((m - 2.5).abs() < 1e-12 && (s - 1.2909944).abs() < 1e-6);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    /// End to end on a tiny generated model: every test runs and the bytes-per-token figure covers the weights.
+    #[test]
+    fn bench_runs_on_a_generated_model() {
+        use ternlm_gguf::GgmlType;
+        use ternlm_model::generator::{write_random_model, GenSpec};
+        let vocab = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-bpe.gguf");
+        let path = std::env::temp_dir().join(format!("ternlm-bench-{}.gguf", std::process::id()));
+        write_random_model(&GenSpec::tiny(GgmlType::I2_S, GgmlType::Q8_0), &vocab, &path).unwrap();
+        let model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
+        // Tied head: every tensor is read once per token.
+        let tensor_bytes: u64 = model.file.tensors().iter().map(|t| t.size).sum();
+        assert_eq!(bytes_per_token(&model), tensor_bytes);
+        let args = BenchArgs {
+            model: path.clone(),
+            n_prompt: vec![16],
+            n_gen: vec![4],
+            threads: vec![1, 2],
+            reps: 2,
+            json: true,
+            no_probe: true,
+        };
+        bench(args).unwrap();
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn probe_measures_something() {
+        let g = bandwidth_probe(&ThreadPool::new(1));
+        assert!(g > 0.1 && g < 10_000.0, "{g}");
+    }
+}
