@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// Skip the memory-bandwidth probe
     #[arg(long)]
     pub no_probe: bool,
+    /// Re-quantize the output head at load (q8_0, f16)
+    #[arg(long)]
+    pub head_type: Option<String>,
 }
 
 #[derive(Debug)]
@@ -97,20 +100,26 @@ pub fn bandwidth_probe(pool: &ThreadPool) -> f64 {
     best
 }
 
-/// Weight bytes read to generate one token: every matrix once, the head once; an untied embedding only one row.
+/// Weight bytes read to generate one token: every block tensor once, the head (as loaded) once, and one row of the
+/// token embedding.
 fn bytes_per_token(model: &Model) -> u64 {
     let f = &model.file;
-    let tied = f.tensor_info("output.weight").is_none() || model.cfg.force_tied_head;
-    f.tensors()
-        .iter()
-        .map(|t| if t.name == "token_embd.weight" && !tied { t.size / t.n_rows().max(1) as u64 } else { t.size })
-        .sum()
+    let head = model.head();
+    let head_bytes = (head.rows * head.row_bytes()) as u64;
+    let body: u64 =
+        f.tensors().iter().filter(|t| t.name != "token_embd.weight" && t.name != "output.weight").map(|t| t.size).sum();
+    let embd_row = f.tensor_info("token_embd.weight").map_or(0, |t| t.size / t.n_rows().max(1) as u64);
+    body + head_bytes + embd_row
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let file = Arc::new(GgufFile::open(&a.model)?);
-    let model = Model::from_gguf(file)?;
+    let mut model = Model::from_gguf(file)?;
+    if let Some(h) = &a.head_type {
+        let ty = ternlm_gguf::GgmlType::from_name(h).with_context(|| format!("unknown --head-type '{h}'"))?;
+        model.requantize_head(ty, &ThreadPool::new(a.threads.iter().copied().max().unwrap_or(1)))?;
+    }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let bpt = bytes_per_token(&model);
     let n_vocab = model.cfg.n_vocab as u32;
@@ -243,9 +252,10 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ternlm-bench-{}.gguf", std::process::id()));
         write_random_model(&GenSpec::tiny(GgmlType::I2_S, GgmlType::Q8_0), &vocab, &path).unwrap();
         let model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap())).unwrap();
-        // Tied head: every tensor is read once per token.
+        // Tied head: every tensor is read once per token, plus one embedding row.
         let tensor_bytes: u64 = model.file.tensors().iter().map(|t| t.size).sum();
-        assert_eq!(bytes_per_token(&model), tensor_bytes);
+        let row = model.file.tensor_info("token_embd.weight").unwrap().size / 128256;
+        assert_eq!(bytes_per_token(&model), tensor_bytes + row);
         let args = BenchArgs {
             model: path.clone(),
             n_prompt: vec![16],
@@ -254,6 +264,7 @@ mod tests {
             reps: 2,
             json: true,
             no_probe: true,
+            head_type: Some("f16".into()),
         };
         bench(args).unwrap();
         std::fs::remove_file(&path).ok();
