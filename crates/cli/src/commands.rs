@@ -126,7 +126,12 @@ impl ModelArgs {
         let threads =
             self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let n_ctx = self.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(4096)).max(16);
-        Ok(Loaded { model, tok, pool: ThreadPool::new(threads), n_ctx })
+        let pool = ThreadPool::new(threads);
+        if let Some(h) = &self.head_type {
+            let ty = ternlm_gguf::GgmlType::from_name(h).with_context(|| format!("unknown --head-type '{h}'"))?;
+            model.requantize_head(ty, &pool)?;
+        }
+        Ok(Loaded { model, tok, pool, n_ctx })
     }
 }
 

@@ -230,6 +230,9 @@ impl Model {
     /// the largest single lever on generation speed for BitNet 2B4T). The token embedding used for lookups is left
     /// as it is in the file.
     pub fn requantize_head(&mut self, ty: GgmlType, pool: &ThreadPool) -> Result<()> {
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::F16) {
+            bail!("head type {ty} is not supported (q8_0 or f16)");
+        }
         let head = self.head();
         if head.ty() == ty {
             return Ok(());
@@ -239,26 +242,18 @@ impl Model {
         let mut data = vec![0u8; rows * bytes];
         let dst = Disjoint::new(&mut data);
         let chunk = 256;
-        let failed = std::sync::atomic::AtomicBool::new(false);
         pool.run(rows.div_ceil(chunk), &|c| {
             let mut row = vec![0f32; cols];
             for r in c * chunk..((c + 1) * chunk).min(rows) {
                 head.dequantize_row(r, &mut row);
-                let q = match ty {
+                let q: Vec<u8> = match ty {
                     GgmlType::Q8_0 => ternlm_kernels::quant::quantize_q8_0(&row),
-                    GgmlType::F16 => row.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-                    _ => {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
+                    _ => row.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
                 };
                 // SAFETY: task c writes only rows c*chunk..(c+1)*chunk.
                 unsafe { dst.slice(r * bytes, bytes) }.copy_from_slice(&q);
             }
         });
-        if failed.into_inner() {
-            bail!("--head-type {ty} is not supported (q8_0 or f16)");
-        }
         self.output = Some(
             QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?,
         );

@@ -173,3 +173,27 @@ fn prompt_prefix_reuse_equals_fresh_cache() {
     let (cold, _) = run(&mut e.model.new_kv_cache(128, 1), &second);
     assert_eq!(warm, cold);
 }
+
+/// Re-quantizing the head: to its own type is a no-op; to F16 keeps the logits close and the prediction.
+#[test]
+fn requantized_head_keeps_predictions() {
+    let Some(mut e) = load() else { return };
+    let ids = e.tok.encode("The capital of France is", true, false);
+    let batch: Vec<BatchToken> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: i + 1 == ids.len() })
+        .collect();
+    let before = e.model.forward(&batch, &mut e.model.new_kv_cache(32, 1), &e.pool).unwrap();
+    e.model.requantize_head(ternlm_gguf::GgmlType::Q8_0, &e.pool).unwrap();
+    assert_eq!(e.model.forward(&batch, &mut e.model.new_kv_cache(32, 1), &e.pool).unwrap(), before);
+    e.model.requantize_head(ternlm_gguf::GgmlType::F16, &e.pool).unwrap();
+    assert_eq!(e.model.head().ty(), ternlm_gguf::GgmlType::F16);
+    let after = e.model.forward(&batch, &mut e.model.new_kv_cache(32, 1), &e.pool).unwrap();
+    let d = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    // The F16 head also dots with f16 activations instead of Q8_0-quantized ones: a different (finer) rounding.
+    let scale = before.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(d < 0.02 * scale, "F16 head changed logits by {d} (logit scale {scale})");
+    assert_eq!(ternlm_model::sampling::argmax(&before), ternlm_model::sampling::argmax(&after));
+    assert!(e.model.requantize_head(ternlm_gguf::GgmlType::Q4_K, &e.pool).is_err());
+}
