@@ -350,26 +350,43 @@ unsafe fn i2s_block_acc_fix<const FIX: bool>(w: &[u8], a: &[u8]) -> __m256i {
 /// I2_S for tensors without code 3: single-token and four-token dots (each token's integer sum is exact, and the
 /// epilogue is the shared one, so results equal the scalar reference bit for bit).
 pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
+    // Partial sums stay in int16 for up to 8 blocks (32 maddubs results of at most 2·2·128 = 512 each, so at most
+    // 16384 in magnitude) before widening: exact, and one widening per 8 blocks instead of one per block.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn one(w: &[u8], a: &[u8], k: usize, scale: f32) -> f32 {
+        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_si256();
-        for (i, b) in w[..k / 4].chunks_exact(32).enumerate() {
-            acc = _mm256_add_epi32(acc, i2s_block_acc_fix::<false>(b, &a[128 * i..]));
+        for (gi, group) in w[..k / 4].chunks(32 * 8).enumerate() {
+            let mut p = _mm256_setzero_si256();
+            for (j, b) in group.chunks_exact(32).enumerate() {
+                let c = i2s_codes_avx2::<false>(b);
+                let ab = &a[128 * (8 * gi + j)..];
+                for (g, c) in c.into_iter().enumerate() {
+                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c, load(&ab[32 * g..])));
+                }
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
         }
         epi_i2s(a, k, hsum_i32(acc), scale)
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn four(w: &[u8], a: [&[u8]; 4], k: usize, scale: f32) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_si256(); 4];
-        for (i, b) in w[..k / 4].chunks_exact(32).enumerate() {
-            let c = i2s_codes_avx2::<false>(b);
-            for (j, acc) in acc.iter_mut().enumerate() {
-                let aj = &a[j][128 * i..];
-                let mut p = _mm256_maddubs_epi16(c[0], load(aj));
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[1], load(&aj[32..])));
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[2], load(&aj[64..])));
-                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c[3], load(&aj[96..])));
-                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        for (gi, group) in w[..k / 4].chunks(32 * 8).enumerate() {
+            let mut p = [_mm256_setzero_si256(); 4];
+            for (jb, b) in group.chunks_exact(32).enumerate() {
+                let c = i2s_codes_avx2::<false>(b);
+                let i = 8 * gi + jb;
+                for (j, p) in p.iter_mut().enumerate() {
+                    let aj = &a[j][128 * i..];
+                    for (g, c) in c.iter().enumerate() {
+                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(*c, load(&aj[32 * g..])));
+                    }
+                }
+            }
+            for (acc, p) in acc.iter_mut().zip(p) {
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
             }
         }
         std::array::from_fn(|j| epi_i2s(a[j], k, hsum_i32(acc[j]), scale))
