@@ -100,28 +100,19 @@ pub fn bandwidth_probe(pool: &ThreadPool) -> f64 {
     best
 }
 
-/// Weight bytes read to generate one token: every block tensor once, the head (as loaded) once, and one row of the
-/// token embedding.
-fn bytes_per_token(model: &Model) -> u64 {
-    let f = &model.file;
-    let head = model.head();
-    let head_bytes = (head.rows * head.row_bytes()) as u64;
-    let body: u64 =
-        f.tensors().iter().filter(|t| t.name != "token_embd.weight" && t.name != "output.weight").map(|t| t.size).sum();
-    let embd_row = f.tensor_info("token_embd.weight").map_or(0, |t| t.size / t.n_rows().max(1) as u64);
-    body + head_bytes + embd_row
-}
-
 pub fn bench(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let file = Arc::new(GgufFile::open(&a.model)?);
     let mut model = Model::from_gguf(file)?;
     if let Some(h) = &a.head_type {
-        let ty = ternlm_gguf::GgmlType::from_name(h).with_context(|| format!("unknown --head-type '{h}'"))?;
-        model.requantize_head(ty, &ThreadPool::new(a.threads.iter().copied().max().unwrap_or(1)))?;
+        crate::commands::apply_head_type(
+            &mut model,
+            h,
+            &ThreadPool::new(a.threads.iter().copied().max().unwrap_or(1)),
+        )?;
     }
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let bpt = bytes_per_token(&model);
+    let bpt = model.weight_bytes_per_token();
     let n_vocab = model.cfg.n_vocab as u32;
     let max_ctx = a.n_prompt.iter().chain(&a.n_gen).copied().max().unwrap_or(1).max(1);
     let mut kv = model.new_kv_cache(max_ctx + 1, 1);
@@ -255,7 +246,7 @@ mod tests {
         // Tied head: every tensor is read once per token, plus one embedding row.
         let tensor_bytes: u64 = model.file.tensors().iter().map(|t| t.size).sum();
         let row = model.file.tensor_info("token_embd.weight").unwrap().size / 128256;
-        assert_eq!(bytes_per_token(&model), tensor_bytes + row);
+        assert_eq!(model.weight_bytes_per_token(), tensor_bytes + row);
         let args = BenchArgs {
             model: path.clone(),
             n_prompt: vec![16],

@@ -106,6 +106,12 @@ pub struct ModelArgs {
     pub head_type: Option<String>,
 }
 
+/// `--head-type NAME`: re-quantize the output head in memory.
+pub fn apply_head_type(model: &mut Model, name: &str, pool: &ThreadPool) -> Result<()> {
+    let ty = ternlm_gguf::GgmlType::from_name(name).with_context(|| format!("unknown --head-type '{name}'"))?;
+    model.requantize_head(ty, pool)
+}
+
 pub struct Loaded {
     pub model: Model,
     pub tok: Tokenizer,
@@ -128,8 +134,7 @@ impl ModelArgs {
         let n_ctx = self.ctx_size.unwrap_or(model.cfg.n_ctx_train.min(4096)).max(16);
         let pool = ThreadPool::new(threads);
         if let Some(h) = &self.head_type {
-            let ty = ternlm_gguf::GgmlType::from_name(h).with_context(|| format!("unknown --head-type '{h}'"))?;
-            model.requantize_head(ty, &pool)?;
+            apply_head_type(&mut model, h, &pool)?;
         }
         Ok(Loaded { model, tok, pool, n_ctx })
     }

@@ -592,7 +592,7 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
                     }
                     acc
                 }
-                // SAFETY: this function is only reachable through `Kernels::detect`, after the CPU features were
+                // SAFETY: this function is only reachable through `Kernels::new(.., Backend::Avx2)`, after the CPU features were
                 // detected.
                 unsafe { inner(w, a) }
             }

@@ -89,10 +89,6 @@ impl Kernels {
         };
         Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4: None })
     }
-
-    pub fn detect(ty: GgmlType) -> Result<Kernels, UnsupportedType> {
-        Self::new(ty, Backend::detect())
-    }
 }
 
 fn scalar_dot(ty: GgmlType) -> Result<RowDot, UnsupportedType> {

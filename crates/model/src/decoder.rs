@@ -264,9 +264,20 @@ impl Model {
         self.output.as_ref().unwrap_or(&self.tok_embd)
     }
 
-    /// Bytes of weights read per generated token (all matrices once, plus the head).
-    pub fn weight_bytes(&self) -> usize {
-        self.file.tensors().iter().map(|t| t.size as usize).sum()
+    /// Weight bytes read to generate one token: every block tensor once, the head (as loaded) once, and one row
+    /// of the token embedding.
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        let head = self.head();
+        let head_bytes = (head.rows * head.row_bytes()) as u64;
+        let body: u64 = self
+            .file
+            .tensors()
+            .iter()
+            .filter(|t| t.name != "token_embd.weight" && t.name != "output.weight")
+            .map(|t| t.size)
+            .sum();
+        let embd_row = self.tok_embd.row_bytes() as u64;
+        body + head_bytes + embd_row
     }
 
     pub fn new_kv_cache(&self, n_ctx: usize, n_seq: usize) -> KvCache {
@@ -461,17 +472,5 @@ impl Model {
                 }
             }
         });
-    }
-
-    /// Weight type histogram for `info`-style summaries.
-    pub fn weight_types(&self) -> Vec<(GgmlType, usize)> {
-        let mut m: Vec<(GgmlType, usize)> = Vec::new();
-        for t in self.file.tensors() {
-            match m.iter_mut().find(|(ty, _)| *ty == t.ty) {
-                Some(e) => e.1 += 1,
-                None => m.push((t.ty, 1)),
-            }
-        }
-        m
     }
 }
