@@ -22,7 +22,7 @@ mod vnni;
 pub use act::{ActType, QuantizedActs};
 pub use dot::{Backend, Kernels};
 pub use matmul::QMatrix;
-pub use pool::ThreadPool;
+pub use pool::{Disjoint, ThreadPool};
 pub use ternlm_gguf::GgmlType;
 
 /// Little-endian f16 at `b[i..i+2]`.

@@ -1,7 +1,7 @@
 //! A weight matrix in any supported format times a batch of activation rows, split across a [`ThreadPool`].
 
 use crate::dot::{Backend, Kernels};
-use crate::{scalar, ActType, GgmlType, QuantizedActs, ThreadPool, UnsupportedType};
+use crate::{scalar, ActType, Disjoint, GgmlType, QuantizedActs, ThreadPool, UnsupportedType};
 use std::sync::Arc;
 
 /// Bytes of a weight tensor: a window into a shared buffer (usually a memory-mapped GGUF file) or an owned copy.
@@ -44,11 +44,6 @@ impl std::fmt::Debug for QMatrix {
         write!(f, "QMatrix({} {}x{})", self.kernels.ty, self.rows, self.cols)
     }
 }
-
-/// Pointer that tasks use to write disjoint parts of one output buffer.
-struct OutPtr(*mut f32);
-// SAFETY: each task writes a disjoint set of indices (its own rows), and `run` returns only after all tasks end.
-unsafe impl Sync for OutPtr {}
 
 impl QMatrix {
     pub fn new(ty: GgmlType, data: WeightBytes, rows: usize, cols: usize) -> Result<QMatrix, String> {
@@ -134,7 +129,7 @@ impl QMatrix {
         // Tasks are groups of rows; each task keeps its weight rows hot while it walks every token.
         let rows_per_task = if n_tok == 1 { 16 } else { 8 }.min(self.rows).max(1);
         let n_tasks = self.rows.div_ceil(rows_per_task);
-        let out_ptr = OutPtr(out.as_mut_ptr());
+        let dst = Disjoint::new(out);
         let dot = self.kernels.dot;
         let w_all = self.data.as_slice();
         let rb = self.row_bytes;
@@ -142,7 +137,6 @@ impl QMatrix {
         let task = |t: usize| {
             let r0 = t * rows_per_task;
             let r1 = (r0 + rows_per_task).min(self.rows);
-            let optr = &out_ptr;
             let mut tok = 0;
             if let Some(dot4) = dot4 {
                 while tok + 4 <= n_tok {
@@ -151,7 +145,7 @@ impl QMatrix {
                         let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
                         for (j, v) in v.into_iter().enumerate() {
                             // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
-                            unsafe { *optr.0.add((tok + j) * self.rows + r) = v };
+                            unsafe { dst.write((tok + j) * self.rows + r, v) };
                         }
                     }
                     tok += 4;
@@ -162,7 +156,7 @@ impl QMatrix {
                 for r in r0..r1 {
                     let v = dot(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
                     // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
-                    unsafe { *optr.0.add(tok * self.rows + r) = v };
+                    unsafe { dst.write(tok * self.rows + r, v) };
                 }
             }
         };

@@ -7,7 +7,7 @@
 
 use crate::config::{AttentionNumerics, FfnActivation, ModelConfig, RopeStyle};
 use crate::kv::KvCache;
-use crate::ops::{self, Disjoint};
+use crate::ops;
 use anyhow::{bail, Context, Result};
 use half::f16;
 use std::path::Path;
@@ -16,7 +16,7 @@ use ternlm_gguf::{GgmlType, GgufFile};
 use ternlm_kernels::attn::{axpy_f16, dot_f16_f32, mad_f16, scale_f16};
 use ternlm_kernels::dot::Backend;
 use ternlm_kernels::matmul::WeightBytes;
-use ternlm_kernels::{ActType, QMatrix, QuantizedActs, ThreadPool};
+use ternlm_kernels::{ActType, Disjoint, QMatrix, QuantizedActs, ThreadPool};
 
 /// A linear layer in any weight format (the format is the matrix's business), with an optional bias.
 pub struct Linear {

@@ -69,24 +69,6 @@ pub fn rope_cos_sin(
         .collect()
 }
 
-/// A mutable slice that pool tasks write to at disjoint indices.
-pub struct Disjoint<T>(*mut T, usize);
-// SAFETY: callers guarantee that concurrent tasks touch disjoint index ranges (documented at each use).
-unsafe impl<T: Send> Sync for Disjoint<T> {}
-impl<T> Disjoint<T> {
-    pub fn new(s: &mut [T]) -> Self {
-        Disjoint(s.as_mut_ptr(), s.len())
-    }
-    /// # Safety
-    /// No other live reference may overlap `start..start+len`.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
-        assert!(start + len <= self.1, "disjoint slice out of bounds");
-        // SAFETY: bounds asserted above; exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
