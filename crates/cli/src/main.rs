@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ enum Command {
     GenModel(commands::GenModelArgs),
     /// Prompt and generation speed, like llama-bench (with --json), plus memory and bandwidth figures.
     Bench(bench::BenchArgs),
+    /// OpenAI-compatible HTTP server (chat/completions, SSE streaming, continuous batching) with a web chat page.
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::Logits(a) => commands::logits(a),
         Command::GenModel(a) => commands::gen_model(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Serve(a) => serve::serve(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

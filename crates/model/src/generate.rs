@@ -57,15 +57,25 @@ pub struct GenerateStats {
     pub tokens: Vec<u32>,
 }
 
-/// Holds back text that may be the start of a stop string.
-struct StopFilter {
+/// Holds back text that may be the start of a stop string, so that a stop string split across tokens is never
+/// emitted.
+pub struct StopFilter {
     stops: Vec<String>,
     pending: String,
 }
 
 impl StopFilter {
+    pub fn new(stops: Vec<String>) -> StopFilter {
+        StopFilter { stops, pending: String::new() }
+    }
+
+    /// Text held back so far (emit it when generation ends without a stop string).
+    pub fn take_pending(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+
     /// Returns (text safe to emit, whether a stop string was found).
-    fn push(&mut self, s: &str) -> (String, bool) {
+    pub fn push(&mut self, s: &str) -> (String, bool) {
         self.pending.push_str(s);
         if let Some(pos) =
             self.stops.iter().filter(|st| !st.is_empty()).filter_map(|st| self.pending.find(st.as_str())).min()
@@ -136,7 +146,7 @@ pub fn generate(
     let mut history = prompt.to_vec();
     let mut generated = Vec::new();
     let mut utf8 = Utf8Stream::default();
-    let mut stop = StopFilter { stops: opts.stop.clone(), pending: String::new() };
+    let mut stop = StopFilter::new(opts.stop.clone());
     let t1 = Instant::now();
     let mut finish = FinishReason::Length;
     let mut hit_stop = false;
@@ -179,7 +189,7 @@ pub fn generate(
     if !hit_stop && finish != FinishReason::Cancelled {
         // Flush what was held back: an unfinished UTF-8 sequence and any partial stop-string prefix.
         let (mut rest, _) = stop.push(&utf8.finish());
-        rest.push_str(&stop.pending);
+        rest.push_str(&stop.take_pending());
         if !rest.is_empty() {
             on_text(&rest);
         }
