@@ -108,8 +108,32 @@ pub fn round_even(x: f32) -> f32 {
 mod round_tests {
     #[test]
     fn round_even_equals_rintf() {
-        let mut vals = vec![0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 127.5, -127.5, 128.49999, 4_194_303.5, 8_388_607.5, 8_388_606.5];
-        vals.extend([4_194_304.0, 8_388_608.0, 16_777_217.0, 1e10, -1e10, f32::INFINITY, f32::NEG_INFINITY, f32::MIN_POSITIVE]);
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            127.5,
+            -127.5,
+            128.49999,
+            4_194_303.5,
+            8_388_607.5,
+            8_388_606.5,
+        ];
+        vals.extend([
+            4_194_304.0,
+            8_388_608.0,
+            16_777_217.0,
+            1e10,
+            -1e10,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ]);
         let mut state = 0x1234_5678u32;
         for _ in 0..200_000 {
             state ^= state << 13;
