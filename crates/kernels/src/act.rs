@@ -104,51 +104,6 @@ pub fn round_even(x: f32) -> f32 {
     }
 }
 
-#[cfg(test)]
-mod round_tests {
-    #[test]
-    fn round_even_equals_rintf() {
-        let mut vals = vec![
-            0.0f32,
-            -0.0,
-            0.5,
-            -0.5,
-            1.5,
-            -1.5,
-            2.5,
-            -2.5,
-            127.5,
-            -127.5,
-            128.49999,
-            4_194_303.5,
-            8_388_607.5,
-            8_388_606.5,
-        ];
-        vals.extend([
-            4_194_304.0,
-            8_388_608.0,
-            16_777_217.0,
-            1e10,
-            -1e10,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MIN_POSITIVE,
-        ]);
-        let mut state = 0x1234_5678u32;
-        for _ in 0..200_000 {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            vals.push(f32::from_bits(state) % 1000.0);
-            vals.push((state % 100_000) as f32 / 200.0 - 250.0);
-        }
-        for v in vals {
-            let (a, b) = (super::round_even(v), v.round_ties_even());
-            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{v}: {a} vs {b}");
-        }
-    }
-}
-
 pub fn quantize_row(ty: ActType, x: &[f32], out: &mut [u8]) {
     match ty {
         ActType::F32 => {
@@ -224,6 +179,51 @@ pub fn quantize_row(ty: ActType, x: &[f32], out: &mut [u8]) {
             }
             out[k..k + 4].copy_from_slice(&s.to_le_bytes());
             out[k + 4..k + 8].copy_from_slice(&sum.to_le_bytes());
+        }
+    }
+}
+
+#[cfg(test)]
+mod round_tests {
+    #[test]
+    fn round_even_equals_rintf() {
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            127.5,
+            -127.5,
+            128.49999,
+            4_194_303.5,
+            8_388_607.5,
+            8_388_606.5,
+        ];
+        vals.extend([
+            4_194_304.0,
+            8_388_608.0,
+            16_777_217.0,
+            1e10,
+            -1e10,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ]);
+        let mut state = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            vals.push(f32::from_bits(state) % 1000.0);
+            vals.push((state % 100_000) as f32 / 200.0 - 250.0);
+        }
+        for v in vals {
+            let (a, b) = (super::round_even(v), v.round_ties_even());
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{v}: {a} vs {b}");
         }
     }
 }
