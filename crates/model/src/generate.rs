@@ -59,23 +59,23 @@ pub struct GenerateStats {
 
 /// Holds back text that may be the start of a stop string, so that a stop string split across tokens is never
 /// emitted.
-pub struct StopFilter {
+struct StopFilter {
     stops: Vec<String>,
     pending: String,
 }
 
 impl StopFilter {
-    pub fn new(stops: Vec<String>) -> StopFilter {
+    fn new(stops: Vec<String>) -> StopFilter {
         StopFilter { stops, pending: String::new() }
     }
 
     /// Text held back so far (emit it when generation ends without a stop string).
-    pub fn take_pending(&mut self) -> String {
+    fn take_pending(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
 
     /// Returns (text safe to emit, whether a stop string was found).
-    pub fn push(&mut self, s: &str) -> (String, bool) {
+    fn push(&mut self, s: &str) -> (String, bool) {
         self.pending.push_str(s);
         if let Some(pos) =
             self.stops.iter().filter(|st| !st.is_empty()).filter_map(|st| self.pending.find(st.as_str())).min()
@@ -102,6 +102,94 @@ impl StopFilter {
     }
 }
 
+/// The per-token half of generation, shared by [`generate`] and the server's scheduler: sampling, end-of-generation,
+/// detokenizing (whole UTF-8 characters only), stop strings, and the token and context limits.
+pub struct Continuation {
+    sampler: Sampler,
+    /// Prompt then generated tokens (the repetition penalty looks at both).
+    history: Vec<u32>,
+    n_prompt: usize,
+    utf8: Utf8Stream,
+    stop: StopFilter,
+    max_tokens: usize,
+    ignore_eos: bool,
+    hit_stop: bool,
+}
+
+impl Continuation {
+    pub fn new(prompt: &[u32], opts: &GenerateOptions) -> Continuation {
+        Continuation {
+            sampler: Sampler::new(opts.sampling.clone()),
+            history: prompt.to_vec(),
+            n_prompt: prompt.len(),
+            utf8: Utf8Stream::default(),
+            stop: StopFilter::new(opts.stop.clone()),
+            max_tokens: opts.max_tokens,
+            ignore_eos: opts.ignore_eos,
+            hit_stop: false,
+        }
+    }
+
+    /// Samples the next token from the logits of the last one (masking end-of-generation tokens in place when
+    /// they are ignored). Returns the text that may be shown now and, if generation is over, why. Otherwise the
+    /// sampled token ([`Continuation::last_token`]) is to be fed at position [`Continuation::next_pos`].
+    pub fn accept(&mut self, tok: &Tokenizer, logits: &mut [f32], n_ctx: usize) -> (String, Option<FinishReason>) {
+        if self.generated().len() >= self.max_tokens {
+            return (String::new(), Some(FinishReason::Length));
+        }
+        if self.ignore_eos {
+            for &id in tok.eog_ids() {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let next = self.sampler.sample(logits, &self.history);
+        if tok.is_eog(next) {
+            return (String::new(), Some(FinishReason::Stop));
+        }
+        self.history.push(next);
+        let text = self.utf8.push(&tok.token_to_piece(next, false));
+        let (out, hit) = self.stop.push(&text);
+        let finish = if hit {
+            self.hit_stop = true;
+            Some(FinishReason::Stop)
+        } else if self.generated().len() >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else if self.next_pos() >= n_ctx {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        (out, finish)
+    }
+
+    /// Text held back at the end (an unfinished UTF-8 sequence, a partial stop-string prefix); nothing after a
+    /// stop string.
+    pub fn flush(&mut self) -> String {
+        if self.hit_stop {
+            return String::new();
+        }
+        let (mut rest, _) = self.stop.push(&self.utf8.finish());
+        rest.push_str(&self.stop.take_pending());
+        rest
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.n_prompt..]
+    }
+
+    /// The token sampled last (the last prompt token before any was sampled).
+    pub fn last_token(&self) -> u32 {
+        *self.history.last().expect("a non-empty prompt")
+    }
+
+    /// The position of [`Continuation::last_token`].
+    pub fn next_pos(&self) -> usize {
+        self.history.len() - 1
+    }
+}
+
 /// Generates a continuation of `prompt` in KV slot `seq`, calling `on_text` with each piece of new text. Returning
 /// `false` from `on_text` cancels. Whatever prefix of `prompt` the slot already holds (e.g. the earlier turns of a
 /// chat) is reused; the rest of the slot is discarded.
@@ -123,10 +211,7 @@ pub fn generate(
         prompt.len(),
         kv.n_ctx
     );
-    // Keep the common prefix, but always recompute at least the last prompt token to get its logits.
-    let cached = kv.seq_tokens(seq).iter().zip(prompt).take_while(|(a, b)| a == b).count();
-    let start = cached.min(prompt.len() - 1);
-    kv.truncate(seq, start);
+    let start = kv.reuse_prefix(seq, prompt);
     let t0 = Instant::now();
     let mut logits = Vec::new();
     let bs = opts.batch_size.max(1);
@@ -142,58 +227,26 @@ pub fn generate(
     }
     let prompt_time = t0.elapsed();
 
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut history = prompt.to_vec();
-    let mut generated = Vec::new();
-    let mut utf8 = Utf8Stream::default();
-    let mut stop = StopFilter::new(opts.stop.clone());
+    let mut cont = Continuation::new(prompt, opts);
     let t1 = Instant::now();
-    let mut finish = FinishReason::Length;
-    let mut hit_stop = false;
-    while generated.len() < opts.max_tokens {
-        if opts.ignore_eos {
-            for &id in tok.eog_ids() {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
+    let finish = loop {
+        let (text, done) = cont.accept(tok, &mut logits, kv.n_ctx);
+        if !text.is_empty() && !on_text(&text) {
+            break FinishReason::Cancelled;
         }
-        let next = sampler.sample(&logits, &history);
-        if tok.is_eog(next) {
-            finish = FinishReason::Stop;
-            break;
+        if let Some(f) = done {
+            break f;
         }
-        generated.push(next);
-        history.push(next);
-        let text = utf8.push(&tok.token_to_piece(next, false));
-        let (out, hit) = stop.push(&text);
-        if !out.is_empty() && !on_text(&out) {
-            finish = FinishReason::Cancelled;
-            break;
-        }
-        if hit {
-            hit_stop = true;
-            finish = FinishReason::Stop;
-            break;
-        }
-        if generated.len() >= opts.max_tokens {
-            break;
-        }
-        let pos = history.len() - 1;
-        if pos >= kv.n_ctx {
-            finish = FinishReason::ContextFull;
-            break;
-        }
-        logits = model.forward(&[BatchToken { token: next, pos, seq, logits: true }], kv, pool)?;
-    }
-    if !hit_stop && finish != FinishReason::Cancelled {
-        // Flush what was held back: an unfinished UTF-8 sequence and any partial stop-string prefix.
-        let (mut rest, _) = stop.push(&utf8.finish());
-        rest.push_str(&stop.take_pending());
+        let (token, pos) = (cont.last_token(), cont.next_pos());
+        logits = model.forward(&[BatchToken { token, pos, seq, logits: true }], kv, pool)?;
+    };
+    if finish != FinishReason::Cancelled {
+        let rest = cont.flush();
         if !rest.is_empty() {
             on_text(&rest);
         }
     }
+    let generated = cont.generated().to_vec();
     Ok(GenerateStats {
         n_prompt: prompt.len(),
         n_prompt_reused: start,

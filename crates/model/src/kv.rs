@@ -41,6 +41,19 @@ impl KvCache {
         &self.slots[seq].tokens
     }
 
+    /// How many leading tokens of `tokens` the slot already holds.
+    pub fn common_prefix(&self, seq: usize, tokens: &[u32]) -> usize {
+        self.seq_tokens(seq).iter().zip(tokens).take_while(|(a, b)| a == b).count()
+    }
+
+    /// Keeps the part of the slot that `prompt` starts with, and forgets the rest; at least the last prompt token
+    /// is left to compute, since its logits start generation. Returns how many positions were kept.
+    pub fn reuse_prefix(&mut self, seq: usize, prompt: &[u32]) -> usize {
+        let keep = self.common_prefix(seq, prompt).min(prompt.len().saturating_sub(1));
+        self.truncate(seq, keep);
+        keep
+    }
+
     /// Forgets positions `pos..` of a sequence (e.g. to start it over or roll back).
     pub fn truncate(&mut self, seq: usize, pos: usize) {
         self.slots[seq].tokens.truncate(pos);

@@ -13,6 +13,6 @@ pub mod sampling;
 
 pub use config::ModelConfig;
 pub use decoder::{BatchToken, Linear, Model};
-pub use generate::{generate, FinishReason, GenerateOptions, GenerateStats, StopFilter};
+pub use generate::{generate, Continuation, FinishReason, GenerateOptions, GenerateStats};
 pub use kv::KvCache;
 pub use sampling::{Sampler, SamplingParams};

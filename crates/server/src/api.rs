@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ternlm_model::chat::{encode_chat, ChatTemplate, Message};
-use ternlm_model::{FinishReason, SamplingParams};
+use ternlm_model::{FinishReason, GenerateOptions, SamplingParams};
 use ternlm_tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -247,10 +247,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) ->
 /// What a request asks the engine for, validated.
 struct Plan {
     prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    ignore_eos: bool,
+    opts: GenerateOptions,
     stream: bool,
     include_usage: bool,
 }
@@ -339,36 +336,26 @@ impl AppState {
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
                 ^ self.next_id.load(Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
         });
+        let sampling = SamplingParams {
+            temperature,
+            top_k: c.top_k.unwrap_or(40) as usize,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n: 64,
+            seed,
+        };
         Ok(Plan {
             prompt,
-            max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_k: c.top_k.unwrap_or(40) as usize,
-                top_p,
-                min_p,
-                repeat_penalty,
-                repeat_last_n: 64,
-                seed,
-            },
-            stop,
-            ignore_eos: c.ignore_eos,
+            opts: GenerateOptions { max_tokens, sampling, stop, ignore_eos: c.ignore_eos, ..Default::default() },
             stream: c.stream,
             include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         })
     }
 
-    fn submit(&self, p: &Plan) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+    fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = Job {
-            prompt: p.prompt.clone(),
-            max_tokens: p.max_tokens,
-            sampling: p.sampling.clone(),
-            stop: p.stop.clone(),
-            ignore_eos: p.ignore_eos,
-            events: tx,
-            submitted: Instant::now(),
-        };
+        let job = Job { prompt, opts, events: tx, submitted: Instant::now() };
         match self.engine.submit(job) {
             Ok(()) => Ok(rx),
             Err(SubmitError::QueueFull) => Err(ApiError::new(
@@ -466,11 +453,11 @@ pub async fn completions(State(s): State<Shared>, body: Result<Bytes, BytesRejec
 }
 
 async fn respond(s: Shared, c: Common, prompt: Vec<u32>, kind: Kind) -> Response {
-    let plan = match s.plan(c, prompt) {
+    let Plan { prompt, opts, stream: streaming, include_usage } = match s.plan(c, prompt) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let rx = match s.submit(&plan) {
+    let rx = match s.submit(prompt, opts) {
         Ok(rx) => rx,
         Err(e) => return e.into_response(),
     };
@@ -481,8 +468,8 @@ async fn respond(s: Shared, c: Common, prompt: Vec<u32>, kind: Kind) -> Response
         Kind::Completion => format!("cmpl-{n:x}{created:x}"),
     };
     let meta = Meta { id, created, model: s.model_id.clone(), kind };
-    if plan.stream {
-        stream(meta, rx, plan.include_usage).into_response()
+    if streaming {
+        stream(meta, rx, include_usage).into_response()
     } else {
         collect(meta, rx).await
     }

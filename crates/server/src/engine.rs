@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use ternlm_kernels::ThreadPool;
-use ternlm_model::{BatchToken, FinishReason, KvCache, Model, Sampler, SamplingParams, StopFilter};
-use ternlm_tokenizer::{Tokenizer, Utf8Stream};
+use ternlm_model::{BatchToken, Continuation, FinishReason, GenerateOptions, KvCache, Model};
+use ternlm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Clone, Copy, Debug)]
@@ -31,10 +31,8 @@ pub struct EngineConfig {
 /// One generation request.
 pub struct Job {
     pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub ignore_eos: bool,
+    /// Token limit, sampling, stop strings, `ignore_eos` (`batch_size` is the engine's, not the job's).
+    pub opts: GenerateOptions,
     /// Where text and the final summary go. When the receiver is dropped (the client went away), the job is
     /// cancelled at the next step and its slot freed.
     pub events: UnboundedSender<Event>,
@@ -94,14 +92,9 @@ struct Active {
     /// Prompt tokens whose keys/values are in the slot (prompt processing is done when this reaches its length).
     n_past: usize,
     cached: usize,
-    history: Vec<u32>,
-    /// The sampled token to feed next.
-    next: Option<u32>,
-    sampler: Sampler,
-    utf8: Utf8Stream,
-    stop: StopFilter,
-    n_generated: usize,
-    got_first: bool,
+    cont: Continuation,
+    /// Whether a sampled token waits to be fed (the sequence is generating).
+    generating: bool,
 }
 
 impl Engine {
@@ -187,12 +180,6 @@ struct Scheduler {
     slots: Vec<Option<Active>>,
 }
 
-/// Where a batch row's logits go.
-enum Row {
-    Prompt(usize),
-    Decode(usize),
-}
-
 impl Scheduler {
     fn run(mut self) {
         loop {
@@ -254,26 +241,10 @@ impl Scheduler {
                 continue;
             }
             // The free slot that already holds the longest prefix of this prompt.
-            let common = |s: usize| self.kv.seq_tokens(s).iter().zip(&job.prompt).take_while(|(a, b)| a == b).count();
-            let seq = *free.iter().max_by_key(|&&s| (common(s), usize::MAX - s)).unwrap();
-            // Keep the shared prefix but recompute at least the last prompt token, whose logits start generation.
-            let cached = common(seq).min(job.prompt.len() - 1);
-            self.kv.truncate(seq, cached);
-            let sampler = Sampler::new(job.sampling.clone());
-            let stop = StopFilter::new(job.stop.clone());
-            self.slots[seq] = Some(Active {
-                history: job.prompt.clone(),
-                job,
-                seq,
-                n_past: cached,
-                cached,
-                next: None,
-                sampler,
-                utf8: Utf8Stream::default(),
-                stop,
-                n_generated: 0,
-                got_first: false,
-            });
+            let seq = *free.iter().max_by_key(|&&s| (self.kv.common_prefix(s, &job.prompt), usize::MAX - s)).unwrap();
+            let cached = self.kv.reuse_prefix(seq, &job.prompt);
+            let cont = Continuation::new(&job.prompt, &job.opts);
+            self.slots[seq] = Some(Active { job, seq, n_past: cached, cached, cont, generating: false });
         }
         shared.metrics.set_queue_depth(st.waiting.len());
         true
@@ -291,20 +262,20 @@ impl Scheduler {
     fn step(&mut self) -> anyhow::Result<()> {
         let n_batch = self.shared.cfg.n_batch.max(1);
         let mut batch = Vec::new();
+        // The sequence of each batch row that returns logits, in batch order.
         let mut rows = Vec::new();
         // Generating sequences first: each needs one token per step.
-        for a in self.slots.iter().flatten() {
-            if let Some(t) = a.next {
-                batch.push(BatchToken { token: t, pos: a.history.len() - 1, seq: a.seq, logits: true });
-                rows.push(Row::Decode(a.seq));
-            }
+        for a in self.slots.iter().flatten().filter(|a| a.generating) {
+            batch.push(BatchToken { token: a.cont.last_token(), pos: a.cont.next_pos(), seq: a.seq, logits: true });
+            rows.push(a.seq);
         }
+        let n_decode = batch.len();
         // Then prompt chunks, oldest request first, in what is left of the batch.
         let mut order: Vec<(Instant, usize)> = self
             .slots
             .iter()
             .flatten()
-            .filter(|a| a.next.is_none() && a.n_past < a.job.prompt.len())
+            .filter(|a| !a.generating && a.n_past < a.job.prompt.len())
             .map(|a| (a.job.submitted, a.seq))
             .collect();
         order.sort();
@@ -320,7 +291,7 @@ impl Scheduler {
                 let last = pos + 1 == a.job.prompt.len();
                 batch.push(BatchToken { token: a.job.prompt[pos], pos, seq, logits: last });
                 if last {
-                    rows.push(Row::Prompt(seq));
+                    rows.push(seq);
                 }
             }
             prompt_progress.push((seq, end));
@@ -329,68 +300,35 @@ impl Scheduler {
             return Ok(());
         }
         let t0 = Instant::now();
-        let logits = self.model.forward(&batch, &mut self.kv, &self.pool)?;
-        let n_prompt_tokens = batch.len() - rows.iter().filter(|r| matches!(r, Row::Decode(_))).count();
+        let mut logits = self.model.forward(&batch, &mut self.kv, &self.pool)?;
         for (seq, end) in prompt_progress {
             self.slots[seq].as_mut().unwrap().n_past = end;
         }
         let n_vocab = self.model.cfg.n_vocab;
-        let mut n_emitted = 0;
-        for (i, row) in rows.iter().enumerate() {
-            let (Row::Prompt(seq) | Row::Decode(seq)) = *row;
-            let l = &logits[i * n_vocab..(i + 1) * n_vocab];
-            n_emitted += 1;
+        for (seq, l) in rows.into_iter().zip(logits.chunks_exact_mut(n_vocab)) {
             if let Some(finish) = self.sample(seq, l) {
                 self.finish(seq, finish);
             }
         }
-        self.shared.metrics.step(n_prompt_tokens, n_emitted, t0.elapsed());
+        self.shared.metrics.step(batch.len() - n_decode, t0.elapsed());
         Ok(())
     }
 
     /// Samples the next token of `seq`, streams its text and says whether the sequence is finished.
-    fn sample(&mut self, seq: usize, logits: &[f32]) -> Option<FinishReason> {
+    fn sample(&mut self, seq: usize, logits: &mut [f32]) -> Option<FinishReason> {
         let n_ctx = self.kv.n_ctx;
-        let tok = self.tok.clone();
-        let metrics = self.shared.metrics.clone();
         let a = self.slots[seq].as_mut().unwrap();
-        if !a.got_first {
-            a.got_first = true;
-            metrics.first_token(a.job.submitted.elapsed());
+        if !a.generating {
+            self.shared.metrics.first_token(a.job.submitted.elapsed());
         }
-        a.next = None;
-        let mut masked: Vec<f32>;
-        let logits = if a.job.ignore_eos {
-            masked = logits.to_vec();
-            for &id in tok.eog_ids() {
-                if let Some(l) = masked.get_mut(id as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
-            &masked[..]
-        } else {
-            logits
-        };
-        let t = a.sampler.sample(logits, &a.history);
-        if tok.is_eog(t) {
-            return Some(FinishReason::Stop);
-        }
-        a.history.push(t);
-        a.n_generated += 1;
-        metrics.generated(1);
-        let text = a.utf8.push(&tok.token_to_piece(t, false));
-        let (out, hit) = a.stop.push(&text);
-        if !out.is_empty() && a.job.events.send(Event::Text(out)).is_err() {
+        let before = a.cont.generated().len();
+        let (text, finish) = a.cont.accept(&self.tok, logits, n_ctx);
+        self.shared.metrics.generated((a.cont.generated().len() - before) as u64);
+        if !text.is_empty() && a.job.events.send(Event::Text(text)).is_err() {
             return Some(FinishReason::Cancelled);
         }
-        if hit {
-            return Some(FinishReason::Stop);
-        }
-        if a.n_generated >= a.job.max_tokens || a.history.len() > n_ctx {
-            return Some(FinishReason::Length);
-        }
-        a.next = Some(t);
-        None
+        a.generating = finish.is_none();
+        finish
     }
 
     fn finish(&mut self, seq: usize, finish: FinishReason) {
@@ -400,11 +338,7 @@ impl Scheduler {
             return;
         }
         // The slot keeps the tokens it computed (prompt and reply) for prefix reuse by the next request.
-        // Flush text held back by an unfinished UTF-8 sequence or a possible stop-string prefix.
-        let (mut rest, hit) = a.stop.push(&a.utf8.finish());
-        if !hit {
-            rest.push_str(&a.stop.take_pending());
-        }
+        let rest = a.cont.flush();
         if !rest.is_empty() {
             let _ = a.job.events.send(Event::Text(rest));
         }
@@ -412,7 +346,7 @@ impl Scheduler {
             finish,
             prompt_tokens: a.job.prompt.len(),
             cached_tokens: a.cached,
-            completion_tokens: a.n_generated,
+            completion_tokens: a.cont.generated().len(),
         };
         self.shared.metrics.request_tokens(done.prompt_tokens, done.cached_tokens);
         self.shared.metrics.finished(match finish {

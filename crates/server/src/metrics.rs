@@ -52,6 +52,9 @@ impl Metrics {
     }
 
     pub(crate) fn generated(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
         self.generated_tokens.fetch_add(n, Relaxed);
         let now = Instant::now();
         let mut r = self.recent.lock().unwrap();
@@ -61,7 +64,7 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn step(&self, prompt_tokens: usize, _emitted: usize, took: Duration) {
+    pub(crate) fn step(&self, prompt_tokens: usize, took: Duration) {
         self.prompt_tokens_computed.fetch_add(prompt_tokens as u64, Relaxed);
         self.forward_passes.fetch_add(1, Relaxed);
         self.busy_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
