@@ -2,6 +2,7 @@
 
 mod bench;
 mod commands;
+mod convert;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,10 @@ enum Command {
     Perplexity(commands::PerplexityArgs),
     /// Print the top-K (id, logit) pairs at every prompt position.
     Logits(commands::LogitsArgs),
+    /// Convert a Hugging Face model directory (safetensors + config + tokenizer) to GGUF, ternarizing if asked.
+    Convert(convert::ConvertArgs),
+    /// Write a GGUF model as a Hugging Face directory (safetensors + config.json + tokenizer files).
+    ExportHf(convert::ExportHfArgs),
     /// Write a random-weight GGUF of any shape and type (for tests and benchmarks).
     GenModel(commands::GenModelArgs),
     /// Prompt and generation speed, like llama-bench (with --json), plus memory and bandwidth figures.
@@ -48,6 +53,8 @@ fn main() {
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Logits(a) => commands::logits(a),
+        Command::Convert(a) => convert::convert(a),
+        Command::ExportHf(a) => convert::export_hf(a),
         Command::GenModel(a) => commands::gen_model(a),
         Command::Bench(a) => bench::bench(a),
         Command::Serve(a) => serve::serve(a),

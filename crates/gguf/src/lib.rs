@@ -13,4 +13,4 @@ pub use error::{ErrorKind, GgufError};
 pub use reader::{GgufFile, TensorInfo, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 pub use types::GgmlType;
 pub use value::{Array, Value};
-pub use writer::GgufWriter;
+pub use writer::{GgufStream, GgufWriter};

@@ -11,10 +11,13 @@ struct PendingTensor<'a> {
     name: String,
     dims: Vec<u64>,
     ty: GgmlType,
-    data: Cow<'a, [u8]>,
+    nbytes: u64,
+    /// `None`: declared with [`GgufWriter::declare_tensor`], its bytes come later through a [`GgufStream`].
+    data: Option<Cow<'a, [u8]>>,
 }
 
-/// Builds a GGUF file in memory-order; tensor data is borrowed where possible and written once.
+/// Builds a GGUF file in memory-order; tensor data is borrowed where possible and written once. For files larger
+/// than memory, declare the tensors and stream their bytes one by one with [`GgufWriter::stream`].
 pub struct GgufWriter<'a> {
     alignment: u64,
     kvs: Vec<(String, Value)>,
@@ -57,30 +60,46 @@ impl<'a> GgufWriter<'a> {
     ) -> Result<&mut Self, GgufError> {
         let name = name.into();
         let data = data.into();
-        let here = Path::new("<gguf writer>");
-        let n: u64 = dims.iter().product();
-        let expected = ty
-            .tensor_bytes(dims.first().copied().unwrap_or(0), n)
-            .filter(|_| !dims.is_empty() && dims.len() <= crate::MAX_DIMS)
-            .ok_or_else(|| {
-                GgufError::new(
-                    here,
-                    ErrorKind::BadTensor,
-                    format!("tensor '{name}': dims {dims:?} are not valid for {ty}"),
-                )
-            })?;
+        let expected = self.check_tensor(&name, ty, dims)?;
         if expected != data.len() as u64 {
             return Err(GgufError::new(
-                here,
+                Path::new(HERE),
                 ErrorKind::BadTensor,
                 format!("tensor '{name}': {ty} {dims:?} needs {expected} bytes, got {}", data.len()),
             ));
         }
+        self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, nbytes: expected, data: Some(data) });
+        Ok(self)
+    }
+
+    /// Declares a tensor whose bytes will be supplied later, in declaration order, to [`GgufWriter::stream`].
+    pub fn declare_tensor(&mut self, name: impl Into<String>, ty: GgmlType, dims: &[u64]) -> Result<&mut Self, GgufError> {
+        let name = name.into();
+        let nbytes = self.check_tensor(&name, ty, dims)?;
+        self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, nbytes, data: None });
+        Ok(self)
+    }
+
+    fn check_tensor(&self, name: &str, ty: GgmlType, dims: &[u64]) -> Result<u64, GgufError> {
+        let here = Path::new(HERE);
+        let n = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+        let expected = n
+            .and_then(|n| ty.tensor_bytes(dims.first().copied().unwrap_or(0), n))
+            .filter(|_| !dims.is_empty() && dims.len() <= crate::MAX_DIMS)
+            .ok_or_else(|| {
+                GgufError::new(here, ErrorKind::BadTensor, format!("tensor '{name}': dims {dims:?} are not valid for {ty}"))
+            })?;
         if self.tensors.iter().any(|t| t.name == name) {
             return Err(GgufError::new(here, ErrorKind::BadTensor, format!("duplicate tensor name '{name}'")));
         }
-        self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, data });
-        Ok(self)
+        Ok(expected)
+    }
+
+    /// Total file size this writer will produce.
+    pub fn file_size(&self) -> u64 {
+        let head = self.header().len() as u64;
+        let data_end = self.tensors.iter().fold(0u64, |off, t| off.div_ceil(self.alignment) * self.alignment + t.nbytes);
+        head.div_ceil(self.alignment) * self.alignment + data_end
     }
 
     pub fn write_to_file(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
@@ -97,7 +116,31 @@ impl<'a> GgufWriter<'a> {
         v
     }
 
+    /// Writes the whole file; every tensor must have been added with its data (not only declared).
     pub fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let mut s = self.stream(w)?;
+        for t in &self.tensors {
+            let data = t.data.as_deref().ok_or_else(|| {
+                std::io::Error::other(format!("tensor '{}' was declared but has no data; use stream()", t.name))
+            })?;
+            s.write_tensor(&t.name, data)?;
+        }
+        s.finish()?;
+        Ok(())
+    }
+
+    /// Writes the header and returns a sink that takes each tensor's bytes, in order, so a converter holds one
+    /// tensor in memory at a time. Tensors added with data must still be passed to the sink.
+    pub fn stream<W: Write>(&self, mut w: W) -> std::io::Result<GgufStream<W>> {
+        let head = self.header();
+        w.write_all(&head)?;
+        let pad = padding(head.len() as u64, self.alignment);
+        w.write_all(&vec![0u8; pad])?;
+        let plan = self.tensors.iter().map(|t| (t.name.clone(), t.nbytes)).collect();
+        Ok(GgufStream { w, alignment: self.alignment, plan, next: 0, written: 0 })
+    }
+
+    fn header(&self) -> Vec<u8> {
         let mut head = Vec::new();
         head.extend_from_slice(crate::GGUF_MAGIC);
         head.extend_from_slice(&3u32.to_le_bytes());
@@ -117,19 +160,78 @@ impl<'a> GgufWriter<'a> {
             }
             head.extend_from_slice(&t.ty.id().to_le_bytes());
             head.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + t.data.len() as u64).div_ceil(self.alignment) * self.alignment;
+            offset = (offset + t.nbytes).div_ceil(self.alignment) * self.alignment;
         }
-        w.write_all(&head)?;
-        let pad = |pos: u64| ((pos.div_ceil(self.alignment) * self.alignment) - pos) as usize;
-        let zeros = vec![0u8; self.alignment as usize];
-        w.write_all(&zeros[..pad(head.len() as u64)])?;
-        for (i, t) in self.tensors.iter().enumerate() {
-            w.write_all(&t.data)?;
-            if i + 1 < self.tensors.len() {
-                w.write_all(&zeros[..pad(t.data.len() as u64)])?;
+        head
+    }
+}
+
+const HERE: &str = "<gguf writer>";
+
+fn padding(pos: u64, alignment: u64) -> usize {
+    (pos.div_ceil(alignment) * alignment - pos) as usize
+}
+
+/// The data section of a GGUF being written: takes each declared tensor's bytes in declaration order.
+pub struct GgufStream<W: Write> {
+    w: W,
+    alignment: u64,
+    plan: Vec<(String, u64)>,
+    next: usize,
+    /// Bytes of the current (next) tensor written so far.
+    written: u64,
+}
+
+impl<W: Write> GgufStream<W> {
+    /// Writes the next tensor; its name and size must be the declared ones.
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        if self.written != 0 {
+            return Err(std::io::Error::other(format!("tensor '{name}' started while another was half written")));
+        }
+        self.write_part(name, data)?;
+        match self.written {
+            0 => Ok(()),
+            _ => Err(std::io::Error::other(format!("tensor '{name}': {} bytes given, more declared", data.len()))),
+        }
+    }
+
+    /// Writes part of the next tensor (parts in order, any sizes); the tensor is complete when its declared size
+    /// is reached. Lets a converter encode a large tensor a slice of rows at a time.
+    pub fn write_part(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let Some((want, nbytes)) = self.plan.get(self.next) else {
+            return Err(std::io::Error::other(format!("tensor '{name}' was not declared (all tensors written)")));
+        };
+        if want != name || self.written + data.len() as u64 > *nbytes {
+            return Err(std::io::Error::other(format!(
+                "expected tensor '{want}' ({nbytes} bytes, {} written) next, got {} bytes of '{name}'",
+                self.written,
+                data.len()
+            )));
+        }
+        self.w.write_all(data)?;
+        self.written += data.len() as u64;
+        if self.written == *nbytes {
+            self.next += 1;
+            self.written = 0;
+            if self.next < self.plan.len() {
+                self.w.write_all(&vec![0u8; padding(*nbytes, self.alignment)])?;
             }
         }
         Ok(())
+    }
+
+    /// Checks every declared tensor was written, flushes and returns the writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if self.next != self.plan.len() {
+            return Err(std::io::Error::other(format!(
+                "{} of {} tensors written; next would be '{}'",
+                self.next,
+                self.plan.len(),
+                self.plan[self.next].0
+            )));
+        }
+        self.w.flush()?;
+        Ok(self.w)
     }
 }
 
