@@ -65,7 +65,10 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         (None, true) => PreChoice::Omit,
         _ => PreChoice::Detect,
     };
-    opts.weight_scale = a.weight_scale.as_deref().map(|s| if s == "divide" { ScaleConvention::Divide } else { ScaleConvention::Multiply });
+    opts.weight_scale =
+        a.weight_scale
+            .as_deref()
+            .map(|s| if s == "divide" { ScaleConvention::Divide } else { ScaleConvention::Multiply });
     opts.name = a.name.clone();
     let ck = HfCheckpoint::open(&a.dir)?;
     let plan = ternlm_convert::plan(&ck, &opts)?;
@@ -88,7 +91,10 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         human(total)
     );
     if let Some(c) = plan.convention {
-        eprintln!("packed ternary weights: weight_scale is {}", if c == ScaleConvention::Divide { "1/mean|W| (divide)" } else { "mean|W| (multiply)" });
+        eprintln!(
+            "packed ternary weights: weight_scale is {}",
+            if c == ScaleConvention::Divide { "1/mean|W| (divide)" } else { "mean|W| (multiply)" }
+        );
     }
     for w in &plan.warnings {
         eprintln!("warning: {w}");
@@ -142,14 +148,24 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
                 start.elapsed().as_secs_f64()
             );
         } else if pct / 10 != last_pct / 10 || i + 1 == n {
-            eprintln!("{pct:>3}% {}/{n} tensors, {} written, {:.0} s", i + 1, human(done), start.elapsed().as_secs_f64());
+            eprintln!(
+                "{pct:>3}% {}/{n} tensors, {} written, {:.0} s",
+                i + 1,
+                human(done),
+                start.elapsed().as_secs_f64()
+            );
         }
         last_pct = pct;
     })?;
     if tty {
         eprintln!();
     }
-    eprintln!("wrote {} ({}) in {:.1} s", out.display(), human(std::fs::metadata(&out)?.len()), start.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({}) in {:.1} s",
+        out.display(),
+        human(std::fs::metadata(&out)?.len()),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -176,7 +192,11 @@ pub fn export_hf(a: ExportHfArgs) -> Result<()> {
         _ => ExportDtype::Auto,
     };
     let start = Instant::now();
-    let s = ternlm_convert::export_hf(&a.model, &a.output, &ExportOptions { dtype, dequantize_ternary: a.dequantize_ternary })?;
+    let s = ternlm_convert::export_hf(
+        &a.model,
+        &a.output,
+        &ExportOptions { dtype, dequantize_ternary: a.dequantize_ternary },
+    )?;
     for w in &s.warnings {
         eprintln!("warning: {w}");
     }

@@ -144,13 +144,17 @@ impl Hparams {
             if name.is_empty() {
                 bail!("{dir}: config.json field 'architectures' is missing; expected one of {}", Family::SUPPORTED);
             }
-            bail!("{dir}: config.json field 'architectures' is '{name}', which ternlm cannot convert (supported: {})", Family::SUPPORTED);
+            bail!(
+                "{dir}: config.json field 'architectures' is '{name}', which ternlm cannot convert (supported: {})",
+                Family::SUPPORTED
+            );
         };
         let n_embd = ck.cfg_usize("hidden_size")?;
         let n_head = ck.cfg_usize("num_attention_heads")?;
         let n_head_kv = ck.cfg_opt_usize("num_key_value_heads")?.unwrap_or(n_head);
         let head_dim = ck.cfg_opt_usize("head_dim")?.unwrap_or(n_embd / n_head);
-        if n_head % n_head_kv != 0 || head_dim % 2 != 0 || (ck.config.get("head_dim").is_none() && n_embd % n_head != 0) {
+        if n_head % n_head_kv != 0 || head_dim % 2 != 0 || (ck.config.get("head_dim").is_none() && n_embd % n_head != 0)
+        {
             bail!("{dir}: config.json: {n_head} attention heads, {n_head_kv} KV heads, head_dim {head_dim} is not a valid attention shape");
         }
         let (mut rope_linear_factor, mut rope_llama3) = (None, None);
@@ -302,13 +306,17 @@ impl BlockTensor {
             B::KNorm => &["self_attn.k_norm.weight"],
             B::O => &["self_attn.o_proj.weight"],
             B::OBias => &["self_attn.o_proj.bias"],
-            B::AttnSubNorm if family == Family::Bitnet1BitLlm => &["self_attn.inner_attn_ln.weight", "self_attn.attn_sub_norm.weight"],
+            B::AttnSubNorm if family == Family::Bitnet1BitLlm => {
+                &["self_attn.inner_attn_ln.weight", "self_attn.attn_sub_norm.weight"]
+            }
             B::AttnSubNorm => &["self_attn.attn_sub_norm.weight", "self_attn.inner_attn_ln.weight"],
             B::FfnNorm => &["post_attention_layernorm.weight"],
             B::Gate => &["mlp.gate_proj.weight"],
             B::Up => &["mlp.up_proj.weight"],
             B::Down => &["mlp.down_proj.weight"],
-            B::FfnSubNorm if family == Family::Bitnet1BitLlm => &["mlp.ffn_layernorm.weight", "mlp.ffn_sub_norm.weight"],
+            B::FfnSubNorm if family == Family::Bitnet1BitLlm => {
+                &["mlp.ffn_layernorm.weight", "mlp.ffn_sub_norm.weight"]
+            }
             B::FfnSubNorm => &["mlp.ffn_sub_norm.weight", "mlp.ffn_layernorm.weight"],
         }
     }

@@ -29,7 +29,14 @@ pub struct ConvertOptions {
 
 impl ConvertOptions {
     pub fn new(out_type: GgmlType) -> Self {
-        ConvertOptions { out_type, embd_type: None, head_type: None, pre: PreChoice::Detect, weight_scale: None, name: None }
+        ConvertOptions {
+            out_type,
+            embd_type: None,
+            head_type: None,
+            pre: PreChoice::Detect,
+            weight_scale: None,
+            name: None,
+        }
     }
 }
 
@@ -42,7 +49,16 @@ pub fn is_ternary(t: GgmlType) -> bool {
 /// Parses a `--type` name.
 pub fn parse_type(s: &str) -> Result<GgmlType> {
     let t = GgmlType::from_name(&s.to_ascii_uppercase()).filter(|t| {
-        matches!(t, GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0 | GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0)
+        matches!(
+            t,
+            GgmlType::I2_S
+                | GgmlType::TQ1_0
+                | GgmlType::TQ2_0
+                | GgmlType::F32
+                | GgmlType::F16
+                | GgmlType::BF16
+                | GgmlType::Q8_0
+        )
     });
     t.with_context(|| format!("unknown output type '{s}' (expected one of {OUT_TYPES})"))
 }
@@ -133,17 +149,18 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
     }
 
     // Packed checkpoints: one convention for the whole file.
-    let linear_class = ck
-        .config
-        .get("quantization_config")
-        .and_then(|q| q.get("linear_class"))
-        .and_then(|v| v.as_str());
+    let linear_class =
+        ck.config.get("quantization_config").and_then(|q| q.get("linear_class")).and_then(|v| v.as_str());
     let mut stored_scales = Vec::new();
     for (name, t) in &ck.tensors {
         if name.ends_with(".weight_scale") {
             let v = ck.f32(t)?;
             if v.len() != 1 {
-                bail!("{}: tensor '{name}' has {} values, expected one per-tensor scale", ck.shard_path(t).display(), v.len());
+                bail!(
+                    "{}: tensor '{name}' has {} values, expected one per-tensor scale",
+                    ck.shard_path(t).display(),
+                    v.len()
+                );
             }
             stored_scales.push(v[0]);
         }
@@ -205,7 +222,12 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
             })?;
             used.insert(st.name.clone());
             if t.shape != [rows / 4, cols] || rows % 4 != 0 {
-                bail!("{path}: packed tensor '{}' has shape {:?}, expected [{}, {cols}] (4 codes per byte)", t.name, t.shape, rows / 4);
+                bail!(
+                    "{path}: packed tensor '{}' has shape {:?}, expected [{}, {cols}] (4 codes per byte)",
+                    t.name,
+                    t.shape,
+                    rows / 4
+                );
             }
             let stored = ck.f32(st)?[0];
             let conv = convention.unwrap_or(ScaleConvention::Multiply);
@@ -257,7 +279,12 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
     if !missing.is_empty() {
         let n = missing.len();
         let list = missing.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
-        bail!("{dir}: {n} tensor(s) that a {} with {} layers needs are missing: {list}{}", h.family.hf_name(), h.n_layer, if n > 8 { ", …" } else { "" });
+        bail!(
+            "{dir}: {n} tensor(s) that a {} with {} layers needs are missing: {list}{}",
+            h.family.hf_name(),
+            h.n_layer,
+            if n > 8 { ", …" } else { "" }
+        );
     }
     let unknown: Vec<&String> = ck
         .tensors
@@ -295,7 +322,11 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
     let k = |s: &str| format!("{arch}.{s}");
     let u = |v: usize| Value::U32(v as u32);
     let name = opts.name.clone().unwrap_or_else(|| {
-        ck.dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into())
+        ck.dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
     });
     kvs.push(("general.architecture".into(), Value::String(arch.into())));
     kvs.push(("general.name".into(), Value::String(name)));
@@ -328,15 +359,24 @@ const SLICE_VALUES: usize = 1 << 24;
 
 /// Converts and writes every planned tensor to `out` (through `out.tmp`, renamed at the end). `progress` gets
 /// (index, tensor) after each tensor.
-pub fn write(ck: &HfCheckpoint, plan: &Plan, out: &Path, mut progress: impl FnMut(usize, &PlannedTensor)) -> Result<()> {
+pub fn write(
+    ck: &HfCheckpoint,
+    plan: &Plan,
+    out: &Path,
+    mut progress: impl FnMut(usize, &PlannedTensor),
+) -> Result<()> {
     let w = plan.writer()?;
     let tmp = out.with_extension("gguf.tmp");
     let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let result = (|| -> Result<()> {
-        let mut s = w.stream(BufWriter::with_capacity(1 << 20, f)).with_context(|| format!("{}: write failed", tmp.display()))?;
+        let mut s = w
+            .stream(BufWriter::with_capacity(1 << 20, f))
+            .with_context(|| format!("{}: write failed", tmp.display()))?;
         for (i, t) in plan.tensors.iter().enumerate() {
-            write_tensor(ck, t, &mut |bytes| s.write_part(&t.name, bytes).with_context(|| format!("{}: write failed", tmp.display())))
-                .with_context(|| format!("converting {} → {}", t.source_name(), t.name))?;
+            write_tensor(ck, t, &mut |bytes| {
+                s.write_part(&t.name, bytes).with_context(|| format!("{}: write failed", tmp.display()))
+            })
+            .with_context(|| format!("converting {} → {}", t.source_name(), t.name))?;
             if let Source::Float(src) | Source::Packed(src, _) = &t.source {
                 ck.release(src);
             }

@@ -87,7 +87,8 @@ impl View for Lazy<'_> {
             Kind::Packed => {
                 let (cols, rows) = (self.info.row_len(), self.info.n_rows());
                 let n = cols * rows;
-                let mut t = decode_ternary(self.info.ty, self.f.tensor_data(self.info), n).expect("checked before export");
+                let mut t =
+                    decode_ternary(self.info.ty, self.f.tensor_data(self.info), n).expect("checked before export");
                 if let Some(nh) = self.unpermute {
                     t.codes = permute_rows(&t.codes, cols, nh, true);
                 }
@@ -121,9 +122,11 @@ fn num(x: f32) -> J {
 pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<ExportSummary> {
     let f = GgufFile::open(gguf)?;
     let path = gguf.display().to_string();
-    let arch = f.get_str("general.architecture")?.with_context(|| format!("{path}: no general.architecture"))?.to_string();
-    let family = Family::from_gguf_arch(&arch)
-        .with_context(|| format!("{path}: architecture '{arch}' cannot be exported (llama, qwen2, qwen3, bitnet-b1.58, bitnet can)"))?;
+    let arch =
+        f.get_str("general.architecture")?.with_context(|| format!("{path}: no general.architecture"))?.to_string();
+    let family = Family::from_gguf_arch(&arch).with_context(|| {
+        format!("{path}: architecture '{arch}' cannot be exported (llama, qwen2, qwen3, bitnet-b1.58, bitnet can)")
+    })?;
     let key = |k: &str| format!("{arch}.{k}");
     let req = |k: &str| -> Result<usize> { Ok(f.require_u64(&key(k))? as usize) };
     let n_embd = req("embedding_length")?;
@@ -132,7 +135,9 @@ pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<Ex
     let head_dim = f.get_u64(&key("attention.key_length"))?.map(|v| v as usize).unwrap_or(n_embd / n_head.max(1));
     let n_vocab = match f.get_u64(&key("vocab_size"))? {
         Some(v) => v as usize,
-        None => f.get_array("tokenizer.ggml.tokens")?.map(|a| a.len()).with_context(|| format!("{path}: no vocab_size"))?,
+        None => {
+            f.get_array("tokenizer.ggml.tokens")?.map(|a| a.len()).with_context(|| format!("{path}: no vocab_size"))?
+        }
     };
     let mut warnings = Vec::new();
     let tied = family == Family::BitNetB158 || f.tensor_info("output.weight").is_none();
@@ -144,7 +149,10 @@ pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<Ex
     for info in f.tensors() {
         let Some(role) = Role::from_gguf_name(&info.name) else {
             if info.name == "rope_freqs.weight" {
-                warnings.push("rope_freqs.weight (Llama 3.1 RoPE factors) is not exported; config.json has no rope_scaling".into());
+                warnings.push(
+                    "rope_freqs.weight (Llama 3.1 RoPE factors) is not exported; config.json has no rope_scaling"
+                        .into(),
+                );
                 continue;
             }
             bail!("{path}: tensor '{}' has no Hugging Face name ternlm knows", info.name);
@@ -167,7 +175,10 @@ pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<Ex
         if ternary && !opts.dequantize_ternary && role.is_projection() && rows % 4 == 0 {
             if let Some(t) = decode_ternary(info.ty, f.tensor_data(info), rows * cols) {
                 let base = hf.trim_end_matches(".weight");
-                views.push((format!("{base}.weight_scale"), Lazy { f: &f, info, kind: Kind::Scale(t.scale), shape: vec![1], unpermute: None }));
+                views.push((
+                    format!("{base}.weight_scale"),
+                    Lazy { f: &f, info, kind: Kind::Scale(t.scale), shape: vec![1], unpermute: None },
+                ));
                 views.push((hf, Lazy { f: &f, info, kind: Kind::Packed, shape: vec![rows / 4, cols], unpermute }));
                 packed += 1;
                 continue;
@@ -207,7 +218,8 @@ pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<Ex
     cfg.insert("max_position_embeddings".into(), json!(f.get_u64(&key("context_length"))?.unwrap_or(4096)));
     cfg.insert("rms_norm_eps".into(), num(f.get_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32));
     cfg.insert("rope_theta".into(), num(f.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32));
-    if let (Some("linear"), Some(s)) = (f.get_str(&key("rope.scaling.type"))?, f.get_f64(&key("rope.scaling.factor"))?) {
+    if let (Some("linear"), Some(s)) = (f.get_str(&key("rope.scaling.type"))?, f.get_f64(&key("rope.scaling.factor"))?)
+    {
         cfg.insert("rope_scaling".into(), json!({"type": "linear", "factor": num(s as f32)}));
     }
     cfg.insert("vocab_size".into(), json!(n_vocab));
@@ -243,7 +255,8 @@ pub fn export_hf(gguf: &Path, out_dir: &Path, opts: &ExportOptions) -> Result<Ex
     safetensors::serialize_to_file(views, Some(meta), &st).map_err(|e| anyhow::anyhow!("{}: {e}", st.display()))?;
     std::fs::write(out_dir.join("config.json"), serde_json::to_vec_pretty(&J::Object(cfg))?)?;
     for (name, bytes) in &toks.files {
-        std::fs::write(out_dir.join(name), bytes).with_context(|| format!("{}: cannot write {name}", out_dir.display()))?;
+        std::fs::write(out_dir.join(name), bytes)
+            .with_context(|| format!("{}: cannot write {name}", out_dir.display()))?;
     }
     Ok(ExportSummary { tensors: n, packed_ternary: packed, warnings })
 }

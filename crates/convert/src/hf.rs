@@ -40,20 +40,26 @@ impl HfCheckpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<HfCheckpoint> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            bail!("{}: not a directory (expected a Hugging Face model folder with config.json and *.safetensors)", dir.display());
+            bail!(
+                "{}: not a directory (expected a Hugging Face model folder with config.json and *.safetensors)",
+                dir.display()
+            );
         }
         let config = read_json(&dir.join("config.json"))?;
         let index_path = dir.join("model.safetensors.index.json");
         let shard_names: Vec<String> = if index_path.exists() {
             let index = read_json(&index_path)?;
             let map = index.get("weight_map").and_then(|m| m.as_object()).with_context(|| {
-                format!("{}: field 'weight_map' is missing or not an object of tensor name → shard file", index_path.display())
+                format!(
+                    "{}: field 'weight_map' is missing or not an object of tensor name → shard file",
+                    index_path.display()
+                )
             })?;
             let mut names: Vec<String> = Vec::new();
             for (tensor, file) in map {
-                let file = file.as_str().with_context(|| {
-                    format!("{}: weight_map['{tensor}'] is not a file name", index_path.display())
-                })?;
+                let file = file
+                    .as_str()
+                    .with_context(|| format!("{}: weight_map['{tensor}'] is not a file name", index_path.display()))?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                     bail!("{}: weight_map['{tensor}'] = '{file}' is not a plain file name", index_path.display());
                 }
@@ -97,9 +103,22 @@ impl HfCheckpoint {
                 let n: usize = info.shape.iter().product();
                 let need = n.checked_mul(info.dtype.bitsize() / 8);
                 if need != Some(end - start) {
-                    bail!("{}: tensor '{tname}': {:?} {:?} does not match its {} data bytes", path.display(), info.dtype, info.shape, end - start);
+                    bail!(
+                        "{}: tensor '{tname}': {:?} {:?} does not match its {} data bytes",
+                        path.display(),
+                        info.dtype,
+                        info.shape,
+                        end - start
+                    );
                 }
-                let t = HfTensor { name: tname.clone(), dtype: info.dtype, shape: info.shape.clone(), shard: i, start: base + start, end: base + end };
+                let t = HfTensor {
+                    name: tname.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    shard: i,
+                    start: base + start,
+                    end: base + end,
+                };
                 if tensors.insert(tname.clone(), t).is_some() {
                     bail!("{}: tensor '{tname}' appears in more than one shard", dir.display());
                 }
@@ -174,10 +193,9 @@ impl HfCheckpoint {
     pub fn cfg_f64(&self, key: &str) -> Result<Option<f64>> {
         match self.config.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .with_context(|| format!("{}: config.json field '{key}' is {v}, expected a number", self.dir.display())),
+            Some(v) => v.as_f64().map(Some).with_context(|| {
+                format!("{}: config.json field '{key}' is {v}, expected a number", self.dir.display())
+            }),
         }
     }
 
@@ -200,4 +218,3 @@ pub fn read_json_opt(path: &Path) -> Result<Option<Value>> {
         Ok(None)
     }
 }
-

@@ -38,7 +38,10 @@ impl Ternary {
     /// matrix is bits `2i..2i+2` of packed row `r`, stored as code + 1.
     pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize, scale: f32) -> Result<Ternary> {
         if rows % 4 != 0 || packed.len() != rows / 4 * cols {
-            bail!("packed ternary weight of {} bytes cannot hold {rows}×{cols} codes (needs rows/4 × cols bytes)", packed.len());
+            bail!(
+                "packed ternary weight of {} bytes cannot hold {rows}×{cols} codes (needs rows/4 × cols bytes)",
+                packed.len()
+            );
         }
         let q = rows / 4;
         let mut codes = vec![0i8; rows * cols];
@@ -49,7 +52,10 @@ impl Ternary {
                 for (d, &b) in dst.iter_mut().zip(src) {
                     let c = (b >> (2 * i)) & 3;
                     if c == 3 {
-                        bail!("packed ternary weight holds the unused code 3 (row {}, not a BitNet packing)", i * q + r);
+                        bail!(
+                            "packed ternary weight holds the unused code 3 (row {}, not a BitNet packing)",
+                            i * q + r
+                        );
                     }
                     *d = c as i8 - 1;
                 }

@@ -30,7 +30,8 @@ pub enum PreChoice {
 }
 
 const LLAMA3_HF: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_HF: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_HF: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The llama.cpp pre-tokenizer name of a `tokenizer.json` `pre_tokenizer`, when it is one ternlm knows.
 pub fn detect_pre(pre: &J) -> Option<&'static str> {
@@ -130,9 +131,10 @@ pub fn vocab_keys(dir: &Path, config: &J, n_vocab: usize, pre: &PreChoice) -> Re
         }
         keys.push(("tokenizer.ggml.tokens".into(), Value::Array(Array::String(tokens.clone()))));
         keys.push(("tokenizer.ggml.token_type".into(), Value::Array(Array::I32(types))));
-        let merges = t.get("model").and_then(|m| m.get("merges")).and_then(|m| m.as_array()).with_context(|| {
-            format!("{}: field 'model.merges' is missing or not a list", tok_json_path.display())
-        })?;
+        let merges =
+            t.get("model").and_then(|m| m.get("merges")).and_then(|m| m.as_array()).with_context(|| {
+                format!("{}: field 'model.merges' is missing or not a list", tok_json_path.display())
+            })?;
         let merges = merges
             .iter()
             .map(|m| match m {
@@ -140,7 +142,9 @@ pub fn vocab_keys(dir: &Path, config: &J, n_vocab: usize, pre: &PreChoice) -> Re
                 J::Array(p) if p.len() == 2 && p.iter().all(|x| x.is_string()) => {
                     Ok(format!("{} {}", p[0].as_str().unwrap(), p[1].as_str().unwrap()))
                 }
-                other => bail!("{}: merge {} is neither \"a b\" nor [\"a\", \"b\"]", tok_json_path.display(), short(other)),
+                other => {
+                    bail!("{}: merge {} is neither \"a b\" nor [\"a\", \"b\"]", tok_json_path.display(), short(other))
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         keys.push(("tokenizer.ggml.merges".into(), Value::Array(Array::String(merges))));
@@ -148,14 +152,23 @@ pub fn vocab_keys(dir: &Path, config: &J, n_vocab: usize, pre: &PreChoice) -> Re
     } else if sp_path.exists() {
         let bytes = std::fs::read(&sp_path).with_context(|| format!("{}: cannot read", sp_path.display()))?;
         let sp = SpModel::parse(&bytes).with_context(|| format!("{}: not a SentencePiece model", sp_path.display()))?;
-        let (mut tokens, mut scores, mut types): (Vec<String>, Vec<f32>, Vec<i32>) =
-            (sp.pieces.iter().map(|p| p.0.clone()).collect(), sp.pieces.iter().map(|p| p.1).collect(), sp.pieces.iter().map(|p| p.2).collect());
+        let (mut tokens, mut scores, mut types): (Vec<String>, Vec<f32>, Vec<i32>) = (
+            sp.pieces.iter().map(|p| p.0.clone()).collect(),
+            sp.pieces.iter().map(|p| p.1).collect(),
+            sp.pieces.iter().map(|p| p.2).collect(),
+        );
         // Added tokens beyond the SentencePiece model (e.g. 1bitLLM's 32000 + pad tokens).
         let mut added: Vec<(usize, String, bool)> = Vec::new();
         if let Some(t) = &tok_json {
             for a in t.get("added_tokens").and_then(|a| a.as_array()).into_iter().flatten() {
-                if let (Some(id), Some(c)) = (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str())) {
-                    added.push((id as usize, c.to_string(), a.get("special").and_then(|v| v.as_bool()).unwrap_or(true)));
+                if let (Some(id), Some(c)) =
+                    (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str()))
+                {
+                    added.push((
+                        id as usize,
+                        c.to_string(),
+                        a.get("special").and_then(|v| v.as_bool()).unwrap_or(true),
+                    ));
                 }
             }
         } else if let Some(J::Object(m)) = read_json_opt(&dir.join("added_tokens.json"))? {
@@ -278,9 +291,11 @@ fn chat_template(dir: &Path, tok_cfg: &J) -> Result<Option<String>> {
 
 /// Token texts and types of a byte-level BPE `tokenizer.json`, filled to `n_vocab` with `[PAD{i}]`.
 fn bpe_tokens(path: &Path, t: &J, n_vocab: usize) -> Result<(Vec<String>, Vec<i32>)> {
-    let vocab = t.get("model").and_then(|m| m.get("vocab")).and_then(|v| v.as_object()).with_context(|| {
-        format!("{}: field 'model.vocab' is missing or not an object", path.display())
-    })?;
+    let vocab = t
+        .get("model")
+        .and_then(|m| m.get("vocab"))
+        .and_then(|v| v.as_object())
+        .with_context(|| format!("{}: field 'model.vocab' is missing or not an object", path.display()))?;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; n_vocab];
     let mut put = |id: u64, text: &str, ty: i32| -> Result<()> {
         let slot = tokens.get_mut(id as usize).with_context(|| {
@@ -294,7 +309,8 @@ fn bpe_tokens(path: &Path, t: &J, n_vocab: usize) -> Result<(Vec<String>, Vec<i3
         put(id, text, NORMAL)?;
     }
     for a in t.get("added_tokens").and_then(|a| a.as_array()).into_iter().flatten() {
-        let (Some(id), Some(text)) = (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str())) else {
+        let (Some(id), Some(text)) = (a.get("id").and_then(|v| v.as_u64()), a.get("content").and_then(|v| v.as_str()))
+        else {
             bail!("{}: an added_tokens entry lacks 'id' or 'content': {}", path.display(), short(a));
         };
         let special = a.get("special").and_then(|v| v.as_bool()).unwrap_or(false);
@@ -304,11 +320,7 @@ fn bpe_tokens(path: &Path, t: &J, n_vocab: usize) -> Result<(Vec<String>, Vec<i3
             put(id, &text.replace('\u{2581}', " "), USER_DEFINED)?;
         }
     }
-    Ok(tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| t.unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED)))
-        .unzip())
+    Ok(tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED))).unzip())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -350,7 +362,9 @@ impl<'a> Pb<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let end = self.i.checked_add(n).filter(|&e| e <= self.b.len());
-        let Some(end) = end else { bail!("field of {n} bytes at byte {} runs past the end ({})", self.i, self.b.len()) };
+        let Some(end) = end else {
+            bail!("field of {n} bytes at byte {} runs past the end ({})", self.i, self.b.len())
+        };
         let s = &self.b[self.i..end];
         self.i = end;
         Ok(s)
@@ -393,7 +407,9 @@ impl SpModel {
                     let mut r = Pb { b: p, i: 0 };
                     while let Some((f, v)) = r.next()? {
                         match (f, v) {
-                            (1, PbVal::Bytes(s)) => piece = Some(std::str::from_utf8(s).context("piece is not UTF-8")?.to_string()),
+                            (1, PbVal::Bytes(s)) => {
+                                piece = Some(std::str::from_utf8(s).context("piece is not UTF-8")?.to_string())
+                            }
                             (2, PbVal::Bytes(s)) if s.len() == 4 => score = f32::from_le_bytes(s.try_into().unwrap()),
                             (3, PbVal::Int(t)) if (1..=6).contains(&t) => ty = t as i32,
                             (3, PbVal::Int(t)) => bail!("piece {} has unknown type {t}", m.pieces.len()),
@@ -503,7 +519,10 @@ pub fn hf_tokenizer_files(f: &GgufFile) -> Result<HfTokenizerFiles> {
         .with_context(|| format!("{path}: tokenizer.ggml.tokens is missing or not strings"))?;
     let n = tokens.len();
     let types: Vec<i64> = match f.get_array("tokenizer.ggml.token_type")? {
-        Some(a) => a.to_i64_vec().filter(|v| v.len() == n).with_context(|| format!("{path}: tokenizer.ggml.token_type has the wrong length"))?,
+        Some(a) => a
+            .to_i64_vec()
+            .filter(|v| v.len() == n)
+            .with_context(|| format!("{path}: tokenizer.ggml.token_type has the wrong length"))?,
         None => vec![NORMAL as i64; n],
     };
     let id = |k: &str| -> Result<Option<u32>> {
@@ -548,7 +567,8 @@ pub fn hf_tokenizer_files(f: &GgufFile) -> Result<HfTokenizerFiles> {
                 .and_then(|a| a.as_strings())
                 .with_context(|| format!("{path}: BPE vocabulary without tokenizer.ggml.merges"))?;
             let pre = f.get_str("tokenizer.ggml.pre")?;
-            let ignore_merges = matches!(pre.unwrap_or("llama-bpe"), "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "default");
+            let ignore_merges =
+                matches!(pre.unwrap_or("llama-bpe"), "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "default");
             let mut vocab = Map::new();
             for (i, t) in tokens.iter().enumerate() {
                 if types[i] != UNUSED as i64 {
@@ -561,7 +581,9 @@ pub fn hf_tokenizer_files(f: &GgufFile) -> Result<HfTokenizerFiles> {
                     "pair": [{"SpecialToken": {"id": tokens[b as usize], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                              {"SpecialToken": {"id": tokens[b as usize], "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                     "special_tokens": {tokens[b as usize].clone(): {"id": tokens[b as usize], "ids": [b], "tokens": [tokens[b as usize]]}}}),
-                None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}),
+                None => {
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
+                }
             };
             let tj = json!({
                 "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
@@ -577,7 +599,10 @@ pub fn hf_tokenizer_files(f: &GgufFile) -> Result<HfTokenizerFiles> {
         }
         "llama" => {
             let scores = match f.get_array("tokenizer.ggml.scores")? {
-                Some(a) => a.to_f32_vec().filter(|v| v.len() == n).with_context(|| format!("{path}: tokenizer.ggml.scores has the wrong length"))?,
+                Some(a) => a
+                    .to_f32_vec()
+                    .filter(|v| v.len() == n)
+                    .with_context(|| format!("{path}: tokenizer.ggml.scores has the wrong length"))?,
                 None => vec![0.0; n],
             };
             // Every token becomes a piece (padding and added tokens included, with their types), so a
@@ -598,4 +623,3 @@ pub fn hf_tokenizer_files(f: &GgufFile) -> Result<HfTokenizerFiles> {
     files.push(("tokenizer_config.json".into(), serde_json::to_vec_pretty(&J::Object(cfg))?));
     Ok(HfTokenizerFiles { files, bos, eos })
 }
-

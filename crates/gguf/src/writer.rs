@@ -73,7 +73,12 @@ impl<'a> GgufWriter<'a> {
     }
 
     /// Declares a tensor whose bytes will be supplied later, in declaration order, to [`GgufWriter::stream`].
-    pub fn declare_tensor(&mut self, name: impl Into<String>, ty: GgmlType, dims: &[u64]) -> Result<&mut Self, GgufError> {
+    pub fn declare_tensor(
+        &mut self,
+        name: impl Into<String>,
+        ty: GgmlType,
+        dims: &[u64],
+    ) -> Result<&mut Self, GgufError> {
         let name = name.into();
         let nbytes = self.check_tensor(&name, ty, dims)?;
         self.tensors.push(PendingTensor { name, dims: dims.to_vec(), ty, nbytes, data: None });
@@ -87,7 +92,11 @@ impl<'a> GgufWriter<'a> {
             .and_then(|n| ty.tensor_bytes(dims.first().copied().unwrap_or(0), n))
             .filter(|_| !dims.is_empty() && dims.len() <= crate::MAX_DIMS)
             .ok_or_else(|| {
-                GgufError::new(here, ErrorKind::BadTensor, format!("tensor '{name}': dims {dims:?} are not valid for {ty}"))
+                GgufError::new(
+                    here,
+                    ErrorKind::BadTensor,
+                    format!("tensor '{name}': dims {dims:?} are not valid for {ty}"),
+                )
             })?;
         if self.tensors.iter().any(|t| t.name == name) {
             return Err(GgufError::new(here, ErrorKind::BadTensor, format!("duplicate tensor name '{name}'")));
@@ -98,7 +107,8 @@ impl<'a> GgufWriter<'a> {
     /// Total file size this writer will produce.
     pub fn file_size(&self) -> u64 {
         let head = self.header().len() as u64;
-        let data_end = self.tensors.iter().fold(0u64, |off, t| off.div_ceil(self.alignment) * self.alignment + t.nbytes);
+        let data_end =
+            self.tensors.iter().fold(0u64, |off, t| off.div_ceil(self.alignment) * self.alignment + t.nbytes);
         head.div_ceil(self.alignment) * self.alignment + data_end
     }
 
