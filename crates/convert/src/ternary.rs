@@ -37,7 +37,7 @@ impl Ternary {
     /// Unpacks HF's packed layout: uint8 tensor of shape [rows/4, cols]; row `r + i·rows/4` of the unpacked
     /// matrix is bits `2i..2i+2` of packed row `r`, stored as code + 1.
     pub fn unpack_hf(packed: &[u8], rows: usize, cols: usize, scale: f32) -> Result<Ternary> {
-        if rows % 4 != 0 || packed.len() != rows / 4 * cols {
+        if !rows.is_multiple_of(4) || packed.len() != rows / 4 * cols {
             bail!(
                 "packed ternary weight of {} bytes cannot hold {rows}×{cols} codes (needs rows/4 × cols bytes)",
                 packed.len()

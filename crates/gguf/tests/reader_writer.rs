@@ -322,3 +322,36 @@ fn type_table_sizes() {
     assert_eq!(I2_S.tensor_bytes(2560, 2560 * 6912), Some(2560 * 6912 / 4 + 32));
     assert_eq!(GgmlType::from_id(39), None, "TL2 is not a type ternlm can size");
 }
+
+#[test]
+fn streamed_tensors_equal_in_memory_ones() {
+    let a: Vec<u8> = (0..4 * 40).map(|i| i as u8).collect();
+    let b: Vec<u8> = (0..2 * 7).map(|i| (i * 3) as u8).collect();
+    let mut whole = GgufWriter::new();
+    whole.set("k", Value::U32(7));
+    whole.add_tensor("a", GgmlType::F32, &[40], a.as_slice()).unwrap();
+    whole.add_tensor("b", GgmlType::F16, &[7], b.as_slice()).unwrap();
+    let want = whole.to_bytes();
+    assert_eq!(whole.file_size(), want.len() as u64);
+
+    let mut decl = GgufWriter::new();
+    decl.set("k", Value::U32(7));
+    decl.declare_tensor("a", GgmlType::F32, &[40]).unwrap();
+    decl.declare_tensor("b", GgmlType::F16, &[7]).unwrap();
+    let mut s = decl.stream(Vec::new()).unwrap();
+    s.write_part("a", &a[..100]).unwrap();
+    s.write_part("a", &a[100..]).unwrap();
+    s.write_tensor("b", &b).unwrap();
+    assert_eq!(s.finish().unwrap(), want);
+
+    // Out of order, too long, and unfinished streams are errors, not corrupt files.
+    let mut s = decl.stream(Vec::new()).unwrap();
+    assert!(s.write_tensor("b", &b).is_err());
+    let mut s = decl.stream(Vec::new()).unwrap();
+    assert!(s.write_part("a", &[0u8; 161]).is_err());
+    let mut s = decl.stream(Vec::new()).unwrap();
+    s.write_tensor("a", &a).unwrap();
+    assert!(s.finish().is_err());
+    // A declared tensor has no bytes for the one-shot writer.
+    assert!(decl.write(&mut Vec::new()).is_err());
+}
