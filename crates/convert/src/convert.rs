@@ -438,8 +438,10 @@ fn write_tensor(ck: &HfCheckpoint, t: &PlannedTensor, sink: &mut dyn FnMut(&[u8]
             let scale = if t.ternarize {
                 let mut sum = 0f64;
                 for r0 in (0..rows).step_by(slice_rows) {
-                    let v = ck.f32_rows(src, r0, (r0 + slice_rows).min(rows), cols)?;
+                    let r1 = (r0 + slice_rows).min(rows);
+                    let v = ck.f32_rows(src, r0, r1, cols)?;
                     sum = v.iter().fold(sum, |a, x| a + x.abs() as f64);
+                    ck.release_rows(src, r0, r1, cols);
                 }
                 Some(((sum / (rows * cols) as f64) as f32).max(1e-5))
             } else {
@@ -447,7 +449,9 @@ fn write_tensor(ck: &HfCheckpoint, t: &PlannedTensor, sink: &mut dyn FnMut(&[u8]
             };
             let mut any_nonzero = false;
             for r0 in (0..rows).step_by(slice_rows) {
-                let v = ck.f32_rows(src, r0, (r0 + slice_rows).min(rows), cols)?;
+                let r1 = (r0 + slice_rows).min(rows);
+                let v = ck.f32_rows(src, r0, r1, cols)?;
+                ck.release_rows(src, r0, r1, cols);
                 match scale {
                     None => sink(&encode_float(t.ty, &v)?)?,
                     Some(mean) => {

@@ -169,10 +169,20 @@ impl HfCheckpoint {
     /// Drops a converted tensor's pages from this process (they stay in the page cache), so converting a model
     /// does not leave the whole checkpoint resident.
     pub fn release(&self, t: &HfTensor) {
+        self.release_rows(t, 0, t.end - t.start, 1);
+    }
+
+    /// [`HfCheckpoint::release`] for rows `r0..r1` (of `cols` values) of a tensor already converted.
+    pub fn release_rows(&self, t: &HfTensor, r0: usize, r1: usize, cols: usize) {
+        let es = (t.dtype.bitsize() / 8).max(1);
+        let (start, end) = (t.start + r0 * cols * es, (t.start + r1 * cols * es).min(t.end));
+        if start >= end {
+            return;
+        }
         let map = &self.shards[t.shard].1;
         // SAFETY: MADV_DONTNEED on a read-only file mapping only discards clean pages; a later access re-reads
         // the same bytes from the file, so no live slice can observe different contents.
-        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.start, t.end - t.start) };
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
     }
 
     /// A config.json field, as an error naming the file and field when missing or not a count.
