@@ -85,7 +85,7 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file
+    /// GGUF model file, or a Hugging Face model directory (converted in memory, as `ternlm convert` would)
     #[arg(short = 'm', long)]
     pub model: PathBuf,
     /// Threads for matrix products (default: all cores)
@@ -106,6 +106,26 @@ pub struct ModelArgs {
     pub head_type: Option<String>,
 }
 
+/// `-m HF_DIR`: converts a Hugging Face model directory in memory (I2_S for BitNet and packed checkpoints, F16
+/// otherwise) — the same conversion as `ternlm convert`, without a file.
+fn convert_in_memory(dir: &std::path::Path) -> Result<GgufFile> {
+    let ck = ternlm_convert::HfCheckpoint::open(dir)?;
+    let ty = ternlm_convert::default_type(&ck)?;
+    let plan = ternlm_convert::plan(&ck, &ternlm_convert::ConvertOptions::new(ty))?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    let start = std::time::Instant::now();
+    let bytes = ternlm_convert::write_to(&ck, &plan, Vec::new(), |_, _| {})?;
+    eprintln!(
+        "{}: converted in memory to {ty} ({} MB) in {:.1} s",
+        dir.display(),
+        bytes.len() >> 20,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(GgufFile::from_bytes(dir, bytes)?)
+}
+
 /// `--head-type NAME`: re-quantize the output head in memory.
 pub fn apply_head_type(model: &mut Model, name: &str, pool: &ThreadPool) -> Result<()> {
     let ty = ternlm_gguf::GgmlType::from_name(name).with_context(|| format!("unknown --head-type '{name}'"))?;
@@ -121,7 +141,8 @@ pub struct Loaded {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
-        let file = Arc::new(GgufFile::open(&self.model)?);
+        let file =
+            Arc::new(if self.model.is_dir() { convert_in_memory(&self.model)? } else { GgufFile::open(&self.model)? });
         let tok = Tokenizer::from_gguf(&file, self.pre.as_deref())?;
         let mut model = Model::from_gguf(file)?;
         match self.tq_acts.as_str() {

@@ -8,7 +8,7 @@ use crate::ternary::{detect_convention, encode_ternary, ScaleConvention, Ternary
 use crate::vocab::{vocab_keys, PreChoice};
 use anyhow::{bail, Context, Result};
 use safetensors::Dtype;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 use ternlm_gguf::{GgmlType, GgufWriter, Value};
 
@@ -359,39 +359,46 @@ const SLICE_VALUES: usize = 1 << 24;
 
 /// Converts and writes every planned tensor to `out` (through `out.tmp`, renamed at the end). `progress` gets
 /// (index, tensor) after each tensor.
-pub fn write(
-    ck: &HfCheckpoint,
-    plan: &Plan,
-    out: &Path,
-    mut progress: impl FnMut(usize, &PlannedTensor),
-) -> Result<()> {
-    let w = plan.writer()?;
+pub fn write(ck: &HfCheckpoint, plan: &Plan, out: &Path, progress: impl FnMut(usize, &PlannedTensor)) -> Result<()> {
     let tmp = out.with_extension("gguf.tmp");
     let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let result = (|| -> Result<()> {
-        let mut s = w
-            .stream(BufWriter::with_capacity(1 << 20, f))
-            .with_context(|| format!("{}: write failed", tmp.display()))?;
-        for (i, t) in plan.tensors.iter().enumerate() {
-            write_tensor(ck, t, &mut |bytes| {
-                s.write_part(&t.name, bytes).with_context(|| format!("{}: write failed", tmp.display()))
-            })
-            .with_context(|| format!("converting {} → {}", t.source_name(), t.name))?;
-            if let Source::Float(src) | Source::Packed(src, _) = &t.source {
-                ck.release(src);
-            }
-            progress(i, t);
-        }
-        let f = s.finish()?.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        Ok(())
-    })();
+    let result = write_to(ck, plan, BufWriter::with_capacity(1 << 20, f), progress)
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error().into()))
+        .and_then(|f| f.sync_all().map_err(Into::into))
+        .with_context(|| format!("writing {}", tmp.display()));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
     Ok(())
+}
+
+/// Streams the GGUF into any writer (a file, or memory for `ternlm run -m HF_DIR`) and returns it.
+pub fn write_to<W: Write>(
+    ck: &HfCheckpoint,
+    plan: &Plan,
+    w: W,
+    mut progress: impl FnMut(usize, &PlannedTensor),
+) -> Result<W> {
+    let mut s = plan.writer()?.stream(w)?;
+    for (i, t) in plan.tensors.iter().enumerate() {
+        write_tensor(ck, t, &mut |bytes| s.write_part(&t.name, bytes).map_err(Into::into))
+            .with_context(|| format!("converting {} → {}", t.source_name(), t.name))?;
+        if let Source::Float(src) | Source::Packed(src, _) = &t.source {
+            ck.release(src);
+        }
+        progress(i, t);
+    }
+    Ok(s.finish()?)
+}
+
+/// The output type `ternlm run -m HF_DIR` uses: I2_S for BitNet families and packed checkpoints (lossless for
+/// them), F16 otherwise.
+pub fn default_type(ck: &HfCheckpoint) -> Result<GgmlType> {
+    let h = Hparams::from_hf(ck)?;
+    let packed = ck.tensors.keys().any(|n| n.ends_with(".weight_scale"));
+    Ok(if h.family.is_bitnet() || packed { GgmlType::I2_S } else { GgmlType::F16 })
 }
 
 fn encode_float(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {

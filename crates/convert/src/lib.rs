@@ -14,7 +14,7 @@ pub mod hf;
 pub mod ternary;
 pub mod vocab;
 
-pub use convert::{parse_type, plan, write, ConvertOptions, Plan, PlannedTensor};
+pub use convert::{default_type, parse_type, plan, write, write_to, ConvertOptions, Plan, PlannedTensor};
 pub use export::{export_hf, ExportOptions};
 pub use hf::HfCheckpoint;
 pub use vocab::PreChoice;
