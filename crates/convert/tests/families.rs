@@ -219,6 +219,10 @@ fn build(name: &str, spec: &Spec, seed: u64) -> (std::path::PathBuf, RefModel) {
         relu2: spec.relu2,
         int8_acts: spec.style != Style::Float,
         flash_f16: !spec.arch.starts_with("Bit"),
+        rope_llama3: spec.extra_config.get("rope_scaling").map(|r| {
+            let f = |k: &str| r[k].as_f64().unwrap();
+            (f("factor"), f("low_freq_factor"), f("high_freq_factor"), f("original_max_position_embeddings"))
+        }),
     };
     (dir, RefModel { cfg, embed, head, norm, layers })
 }
@@ -383,10 +387,14 @@ fn llama_packed_bitlinear_falcon3_style_permuted() {
 fn llama_full_precision_sharded_permuted() {
     let mut s = Spec::new("LlamaForCausalLM");
     s.shards = 3;
+    // Llama 3.1-style RoPE scaling (a short original context so it matters within the test's 8 positions).
+    s.extra_config = json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}});
     let (dir, reference) = build("llama-fp", &s, 5);
     // BF16 weights: F32 and BF16 outputs hold them exactly.
     let out = convert(&dir, "f32", "f32");
     check_logits(&out, &reference);
+    assert!(GgufFile::open(&out).unwrap().tensor_info("rope_freqs.weight").is_some());
     // BF16 and Q8_0 outputs are dotted with rounded activations (BF16 / Q8_0, as llama.cpp does): lossy, so
     // only within a percent or a few.
     for (ty, tol) in [("bf16", 1e-2), ("q8_0", 5e-2)] {

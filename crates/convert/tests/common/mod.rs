@@ -190,6 +190,8 @@ pub struct RefCfg {
     /// llama.cpp's CPU flash attention (ternlm's numerics for llama/qwen): online softmax with the weighted sum
     /// of V kept in f16. BitNet archs use bitnet.cpp's f32 probabilities instead.
     pub flash_f16: bool,
+    /// HF's "llama3" rope_scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    pub rope_llama3: Option<(f64, f64, f64, f64)>,
 }
 
 /// A linear layer for the reference: weights (rows × cols, f64) and whether its input is quantized to int8.
@@ -261,12 +263,22 @@ fn rmsnorm(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
     x.iter().zip(g).map(|(v, g)| v * r * g).collect()
 }
 
-/// HF's rotate_half RoPE on one head.
-fn rope(x: &mut [f64], pos: usize, base: f64) {
+/// HF's rotate_half RoPE on one head, with its llama3 frequency smoothing when configured.
+fn rope(x: &mut [f64], pos: usize, base: f64, llama3: Option<(f64, f64, f64, f64)>) {
     let hd = x.len();
     let half = hd / 2;
     for i in 0..half {
-        let theta = pos as f64 * base.powf(-((2 * i) as f64) / hd as f64);
+        let mut freq = base.powf(-((2 * i) as f64) / hd as f64);
+        if let Some((factor, low, high, orig)) = llama3 {
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen > orig / low {
+                freq /= factor;
+            } else if wavelen >= orig / high {
+                let smooth = (orig / wavelen - low) / (high - low);
+                freq = (1.0 - smooth) * freq / factor + smooth * freq;
+            }
+        }
+        let theta = pos as f64 * freq;
         let (c, s) = (theta.cos(), theta.sin());
         let (a, b) = (x[i], x[i + half]);
         x[i] = a * c - b * s;
@@ -295,7 +307,7 @@ impl RefModel {
                             let y = rmsnorm(head, g, c.eps);
                             head.copy_from_slice(&y);
                         }
-                        rope(head, pos, c.base);
+                        rope(head, pos, c.base, c.rope_llama3);
                     }
                 }
                 // ternlm (like llama.cpp and bitnet.cpp) keeps K and V in an f16 cache and rounds Q to f16. With
