@@ -89,9 +89,8 @@ impl TrainModel {
         let mut n = 0;
         for l in 0..self.cfg.n_layer {
             for (name, width) in [("attn_sub_norm", self.cfg.q_dim()), ("ffn_sub_norm", self.cfg.n_ff)] {
-                let key = format!("blk.{l}.{name}.weight");
-                if !data.contains_key(&key) {
-                    data.insert(key, Var::ones(width, DType::F32, &self.dev)?);
+                if let std::collections::hash_map::Entry::Vacant(e) = data.entry(format!("blk.{l}.{name}.weight")) {
+                    e.insert(Var::ones(width, DType::F32, &self.dev)?);
                     n += 1;
                 }
             }
