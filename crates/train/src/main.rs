@@ -1,6 +1,220 @@
-//! `ternlm-train`: BitDistill's training stages (work in progress; see the crate docs).
+//! `ternlm-train`: BitDistill's stages on the CPU.
+//!
+//! - `finetune`: plain fine-tuning on a task (full precision → the FP teacher; `--ternary` → the BitNet-SFT baseline);
+//! - `cpt`: Stage 2, continued pre-training of the (SubLN, ternary) student on plain text;
+//! - `distill`: Stage 3, CE + λ·KL_τ + γ·attention relations from a frozen teacher;
+//! - `eval`: greedy task accuracy of a GGUF (training-side forward).
+//!
+//! Every stage reads a GGUF, writes `OUT/checkpoint.safetensors` (resumable), `OUT/metrics.jsonl`,
+//! `OUT/config.txt` (the exact command line) and `OUT/model.gguf`.
 
-fn main() {
-    eprintln!("ternlm-train: the training commands (finetune, distill) are not built yet; the library has the model, losses and export");
-    std::process::exit(2);
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use ternlm_gguf::{GgmlType, GgufFile};
+use ternlm_tokenizer::Tokenizer;
+use ternlm_train::data::{text_chunks, Task};
+use ternlm_train::export::export_gguf;
+use ternlm_train::stage::{evaluate, train, Data, StageConfig};
+use ternlm_train::TrainModel;
+
+#[derive(Parser)]
+#[command(
+    name = "ternlm-train",
+    version,
+    about = "BitDistill: distill full-precision models into ternary students (CPU)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fine-tune on a task with cross-entropy (FP teacher, or --ternary for the BitNet-SFT baseline).
+    Finetune(Common),
+    /// Stage 2: continued pre-training on a text file (the student is ternary, with SubLN unless --no-subln).
+    Cpt {
+        #[command(flatten)]
+        c: Common,
+        /// Plain-text corpus.
+        #[arg(long)]
+        text: PathBuf,
+    },
+    /// Stage 3: distillation fine-tuning from a frozen teacher GGUF.
+    Distill {
+        #[command(flatten)]
+        c: Common,
+        /// The fine-tuned full-precision teacher.
+        #[arg(long)]
+        teacher: PathBuf,
+        #[arg(long, default_value_t = 10.0)]
+        lambda: f64,
+        #[arg(long, default_value_t = 1e5)]
+        gamma: f64,
+        #[arg(long, default_value_t = 5.0)]
+        tau: f64,
+        /// Layer for attention relations (negative counts from the end).
+        #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+        rel_layer: i64,
+        #[arg(long, default_value_t = 32)]
+        rel_heads: usize,
+    },
+    /// Greedy accuracy of a model on a task's test set.
+    Eval {
+        #[arg(short, long)]
+        model: PathBuf,
+        #[arg(long, default_value = "sst2")]
+        task: String,
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        /// Treat the model's projections as ternary (BitNet forward).
+        #[arg(long)]
+        ternary: bool,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(short = 't', long, default_value_t = 2)]
+        threads: usize,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Model to train (GGUF; any type, dequantized).
+    #[arg(short, long)]
+    model: PathBuf,
+    #[arg(short, long)]
+    out: PathBuf,
+    #[arg(long, default_value = "sst2")]
+    task: String,
+    #[arg(long, default_value = "../shared/data")]
+    data: PathBuf,
+    /// Ternary (BitNet) projections with the straight-through estimator.
+    #[arg(long)]
+    ternary: bool,
+    /// Do not insert SubLN norms (ternary runs insert them by default, as Stage 1).
+    #[arg(long)]
+    no_subln: bool,
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.05)]
+    warmup: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 50)]
+    ckpt_every: usize,
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Evaluate on this many test rows at the end (0: none; default all).
+    #[arg(long)]
+    eval_limit: Option<usize>,
+    /// Threads for candle's matrix products.
+    #[arg(short = 't', long, default_value_t = 2)]
+    threads: usize,
+}
+
+fn stage_config(c: &Common) -> StageConfig {
+    StageConfig {
+        steps: c.steps,
+        batch: c.batch,
+        max_len: c.max_len,
+        lr: c.lr,
+        warmup: c.warmup,
+        weight_decay: c.weight_decay,
+        seed: c.seed,
+        ckpt_every: c.ckpt_every,
+        log_every: c.log_every,
+        out: c.out.clone(),
+        lambda: 0.0,
+        gamma: 0.0,
+        tau: 5.0,
+        rel_layer: -1,
+        rel_heads: 32,
+    }
+}
+
+fn load(path: &PathBuf, ternary: bool, subln: bool) -> Result<(TrainModel, Tokenizer)> {
+    let f = Arc::new(GgufFile::open(path)?);
+    let tok = Tokenizer::from_gguf(&f, None)?;
+    let m = TrainModel::from_gguf(f, ternary)?;
+    if ternary && subln {
+        let n = m.add_sub_norms()?;
+        if n > 0 {
+            eprintln!("Stage 1 (SubLN): inserted {n} RMSNorms before attn_output and ffn_down");
+        }
+    }
+    Ok((m, tok))
+}
+
+fn finish(m: &TrainModel, c: &Common, task: Option<&Task>) -> Result<()> {
+    let out = c.out.join("model.gguf");
+    export_gguf(m, &out, GgmlType::F16)?;
+    eprintln!("wrote {}", out.display());
+    if let (Some(task), Some(limit)) = (task, c.eval_limit.or(Some(usize::MAX))) {
+        if limit > 0 {
+            let (acc, _) = evaluate(m, task, 16, Some(limit))?;
+            eprintln!("{} accuracy (training-side greedy): {:.2}%", task.name, acc * 100.0);
+            std::fs::write(c.out.join("accuracy.txt"), format!("{acc:.6}\n"))?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let threads = match &cli.cmd {
+        Cmd::Finetune(c) | Cmd::Cpt { c, .. } | Cmd::Distill { c, .. } => c.threads,
+        Cmd::Eval { threads, .. } => *threads,
+    };
+    // candle's CPU kernels size their pool from this variable on first use.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if let Cmd::Finetune(c) | Cmd::Cpt { c, .. } | Cmd::Distill { c, .. } = &cli.cmd {
+        std::fs::create_dir_all(&c.out).with_context(|| format!("{}: cannot create", c.out.display()))?;
+        let args: Vec<String> = std::env::args().collect();
+        std::fs::write(c.out.join("config.txt"), args.join(" ") + "\n")?;
+    }
+    match cli.cmd {
+        Cmd::Finetune(c) => {
+            let (m, tok) = load(&c.model, c.ternary, !c.no_subln)?;
+            let task = Task::load(&c.task, &c.data, &tok)?;
+            train(&m, None, Data::Task(&task), &stage_config(&c))?;
+            finish(&m, &c, Some(&task))
+        }
+        Cmd::Cpt { c, text } => {
+            let (m, tok) = load(&c.model, true, !c.no_subln)?;
+            let chunks = text_chunks(&text, &tok, c.max_len)?;
+            eprintln!("{}: {} chunks of {} tokens", text.display(), chunks.len(), c.max_len);
+            train(&m, None, Data::Text(&chunks), &stage_config(&c))?;
+            finish(&m, &c, None)
+        }
+        Cmd::Distill { c, teacher, lambda, gamma, tau, rel_layer, rel_heads } => {
+            let (m, tok) = load(&c.model, true, !c.no_subln)?;
+            let (t, _) = load(&teacher, false, false)?;
+            let task = Task::load(&c.task, &c.data, &tok)?;
+            let cfg = StageConfig { lambda, gamma, tau, rel_layer, rel_heads, ..stage_config(&c) };
+            train(&m, Some(&t), Data::Task(&task), &cfg)?;
+            finish(&m, &c, Some(&task))
+        }
+        Cmd::Eval { model, task, data, ternary, limit, .. } => {
+            let (m, tok) = load(&model, ternary, false)?;
+            let task = Task::load(&task, &data, &tok)?;
+            let (acc, _) = evaluate(&m, &task, 16, limit)?;
+            println!(
+                "{} accuracy: {:.2}% ({} rows)",
+                task.name,
+                acc * 100.0,
+                limit.unwrap_or(task.test.len()).min(task.test.len())
+            );
+            Ok(())
+        }
+    }
 }
