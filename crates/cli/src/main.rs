@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod convert;
 mod serve;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +37,24 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Write a GGUF model as a Hugging Face directory (safetensors + config.json + tokenizer files).
     ExportHf(convert::ExportHfArgs),
+    /// Fine-tune on a task (FP teacher, or --ternary for the BitNet-SFT baseline); runs `ternlm-train finetune`.
+    #[command(disable_help_flag = true)]
+    Finetune {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// BitDistill Stage 2: continued pre-training of the ternary SubLN student; runs `ternlm-train cpt`.
+    #[command(disable_help_flag = true)]
+    Cpt {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// BitDistill Stage 3: logits + attention-relation distillation from a teacher; runs `ternlm-train distill`.
+    #[command(disable_help_flag = true)]
+    Distill {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Write a random-weight GGUF of any shape and type (for tests and benchmarks).
     GenModel(commands::GenModelArgs),
     /// Prompt and generation speed, like llama-bench (with --json), plus memory and bandwidth figures.
@@ -55,6 +74,9 @@ fn main() {
         Command::Logits(a) => commands::logits(a),
         Command::Convert(a) => convert::convert(a),
         Command::ExportHf(a) => convert::export_hf(a),
+        Command::Finetune { args } => train::forward("finetune", &args),
+        Command::Cpt { args } => train::forward("cpt", &args),
+        Command::Distill { args } => train::forward("distill", &args),
         Command::GenModel(a) => commands::gen_model(a),
         Command::Bench(a) => bench::bench(a),
         Command::Serve(a) => serve::serve(a),
