@@ -259,13 +259,17 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
             embd_ty
         };
         let dims: Vec<u64> = if cols == 0 { vec![rows as u64] } else { vec![cols as u64, rows as u64] };
-        if cols != 0 && cols % ty.block_size() != 0 {
+        if cols != 0 && ty.tensor_bytes(cols as u64, (rows * cols) as u64).is_none() {
             bail!(
                 "tensor '{}' ({}) has rows of {cols} values; {ty} needs a multiple of {} — choose another --type{}",
                 role.gguf_name(),
                 t.name,
-                ty.block_size(),
-                if is_ternary(ty) { " (i2_s needs 128, tq1_0/tq2_0 256)" } else { "" }
+                if ty == GgmlType::I2_S { 4 } else { ty.block_size() },
+                if is_ternary(ty) {
+                    " (i2_s needs rows of a multiple of 4 and 128 | rows×cols; tq1_0/tq2_0 256)"
+                } else {
+                    ""
+                }
             );
         }
         let permute_heads = match role {
@@ -441,7 +445,9 @@ fn write_tensor(ck: &HfCheckpoint, t: &PlannedTensor, sink: &mut dyn FnMut(&[u8]
         }
         Source::Float(src) => {
             // Row slices: the whole tensor never exists as f32. Ternary types first need the tensor's absmean.
-            let slice_rows = (SLICE_VALUES / cols).max(1);
+            // I2_S blocks run over the flattened tensor: a slice must hold whole 128-weight blocks.
+            let unit = if t.ty == GgmlType::I2_S { 128 / gcd(cols, 128) } else { 1 };
+            let slice_rows = ((SLICE_VALUES / cols) / unit).max(1) * unit;
             let scale = if t.ternarize {
                 let mut sum = 0f64;
                 for r0 in (0..rows).step_by(slice_rows) {
@@ -480,5 +486,13 @@ fn write_tensor(ck: &HfCheckpoint, t: &PlannedTensor, sink: &mut dyn FnMut(&[u8]
             }
             Ok(())
         }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }

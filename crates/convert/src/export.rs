@@ -55,14 +55,8 @@ impl Lazy<'_> {
     fn floats(&self) -> Vec<f32> {
         let data = self.f.tensor_data(self.info);
         let (cols, rows) = (self.info.row_len(), self.info.n_rows());
-        let rb = self.info.ty.row_bytes(cols);
-        let i2s = if self.info.ty == GgmlType::I2_S { scalar::i2s_tensor_scale(data) } else { 1.0 };
-        let mut out = vec![0f32; rows * cols];
-        for r in 0..rows {
-            // Types were checked when the export was planned.
-            scalar::dequantize_row(self.info.ty, &data[r * rb..(r + 1) * rb], &mut out[r * cols..(r + 1) * cols], i2s)
-                .expect("type checked before export");
-        }
+        // Types were checked when the export was planned.
+        let out = scalar::dequantize_tensor(self.info.ty, data, rows, cols).expect("type checked before export");
         match self.unpermute {
             Some(nh) => permute_rows(&out, cols, nh, true),
             None => out,

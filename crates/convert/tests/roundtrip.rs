@@ -49,21 +49,7 @@ fn convert(dir: &Path, ty: &str, pre: PreChoice, out: &Path) -> GgufFile {
 
 fn dequantized(f: &GgufFile, name: &str) -> Vec<f32> {
     let info = f.tensor_info(name).unwrap_or_else(|| panic!("{}: no tensor {name}", f.path().display()));
-    let (cols, rows) = (info.row_len(), info.n_rows());
-    let data = f.tensor_data(info);
-    let rb = info.ty.row_bytes(cols);
-    let s = if info.ty == GgmlType::I2_S { ternlm_kernels::scalar::i2s_tensor_scale(data) } else { 1.0 };
-    let mut v = vec![0f32; rows * cols];
-    for r in 0..rows {
-        ternlm_kernels::scalar::dequantize_row(
-            info.ty,
-            &data[r * rb..(r + 1) * rb],
-            &mut v[r * cols..(r + 1) * cols],
-            s,
-        )
-        .unwrap();
-    }
-    v
+    ternlm_kernels::scalar::dequantize_tensor(info.ty, f.tensor_data(info), info.n_rows(), info.row_len()).unwrap()
 }
 
 fn same_keys(a: &GgufFile, b: &GgufFile, keys: &[&str]) {

@@ -210,7 +210,14 @@ impl GgmlType {
     /// row length is not a multiple of the block size or the size overflows.
     pub fn tensor_bytes(self, row_len: u64, n_elements: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if !row_len.is_multiple_of(bs) {
+        // I2_S blocks run over the flattened tensor (bitnet.cpp): rows need only start on a byte (4 weights), e.g.
+        // SmolLM2's 576-wide rows; the kernels repack such matrices into whole blocks per row at load.
+        let fits = if self == GgmlType::I2_S {
+            row_len.is_multiple_of(4) && n_elements.is_multiple_of(bs)
+        } else {
+            row_len.is_multiple_of(bs)
+        };
+        if !fits {
             return None;
         }
         let body = (n_elements / bs).checked_mul(self.block_bytes() as u64)?;
@@ -222,8 +229,11 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of one row of `row_len` elements (I2_S rows exclude the shared tail).
+    /// Bytes of one row of `row_len` elements (I2_S rows exclude the shared tail and need not be whole blocks).
     pub fn row_bytes(self, row_len: usize) -> usize {
+        if self == GgmlType::I2_S {
+            return row_len / 4;
+        }
         row_len / self.block_size() * self.block_bytes()
     }
 }

@@ -34,6 +34,9 @@ pub struct QMatrix {
     pub cols: usize,
     /// Per-tensor scale (I2_S only; 1.0 otherwise).
     pub scale: f32,
+    /// Row length the kernels see: `cols`, or for I2_S rows that are not whole blocks, `cols` rounded up to 128
+    /// (the weights were repacked with zero padding; activations are padded with zeros per call).
+    kcols: usize,
     row_bytes: usize,
     data: WeightBytes,
     kernels: Kernels,
@@ -59,7 +62,8 @@ impl QMatrix {
     ) -> Result<QMatrix, String> {
         let mut kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
         let block = ty.block_size().max(kernels.act.block());
-        if !cols.is_multiple_of(block) {
+        let ragged_i2s = ty == GgmlType::I2_S && !cols.is_multiple_of(block);
+        if !cols.is_multiple_of(block) && !ragged_i2s {
             return Err(format!(
                 "{ty} matrix with rows of {cols} weights: the row length must be a multiple of {block}"
             ));
@@ -69,10 +73,16 @@ impl QMatrix {
             return Err(format!("{ty} matrix {rows}x{cols} needs {expected} bytes, got {}", data.as_slice().len()));
         }
         let scale = if ty == GgmlType::I2_S { scalar::i2s_tensor_scale(data.as_slice()) } else { 1.0 };
+        let (data, kcols) = if ragged_i2s {
+            let kcols = cols.div_ceil(128) * 128;
+            (WeightBytes::owned(scalar::i2s_pad_rows(data.as_slice(), rows, cols, kcols)), kcols)
+        } else {
+            (data, cols)
+        };
         #[cfg(target_arch = "x86_64")]
         if ty == GgmlType::I2_S && backend == Backend::Avx2 {
             // Real files never use code 3; one scan at load lets the kernels skip the per-block fix-up.
-            let body = &data.as_slice()[..rows * cols / 4];
+            let body = &data.as_slice()[..rows * kcols / 4];
             if !scalar::i2s_has_code3(body) {
                 let (dot, dot4) = crate::avx2::i2s_clean_kernels();
                 // Decode uses VNNI where the CPU has it; prompts keep the AVX2 four-token kernel. Both are exact.
@@ -80,8 +90,8 @@ impl QMatrix {
                 kernels.dot4 = Some(dot4);
             }
         }
-        let row_bytes = ty.row_bytes(cols);
-        Ok(QMatrix { rows, cols, scale, row_bytes, data, kernels })
+        let row_bytes = ty.row_bytes(kcols);
+        Ok(QMatrix { rows, cols, scale, kcols, row_bytes, data, kernels })
     }
 
     /// For TQ1_0 / TQ2_0: use BitNet's per-token int8 activations instead of per-block Q8_K.
@@ -117,6 +127,13 @@ impl QMatrix {
 
     /// Dequantizes row `r` into `out` (length `cols`), e.g. for embedding lookups.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        if self.kcols != self.cols {
+            let mut padded = vec![0f32; self.kcols];
+            scalar::dequantize_row(self.ty(), self.row(r), &mut padded, self.scale)
+                .expect("type checked at construction");
+            out.copy_from_slice(&padded[..self.cols]);
+            return;
+        }
         scalar::dequantize_row(self.ty(), self.row(r), out, self.scale).expect("type checked at construction");
     }
 
@@ -125,6 +142,22 @@ impl QMatrix {
         assert_eq!(x.ty, self.act_type(), "activations quantized for the wrong weight type");
         assert_eq!(x.k, self.cols, "activation length does not match the matrix");
         assert_eq!(out.len(), x.n_rows * self.rows, "output buffer size");
+        let padded;
+        let x = if self.kcols != self.cols {
+            // Per-token int8 rows are [k values][scale f32][sum i32]: zeros appended to the values change
+            // neither the dot product nor the sum.
+            let (k, kp) = (self.cols, self.kcols);
+            let mut data = vec![0u8; x.n_rows * (kp + 8)];
+            for t in 0..x.n_rows {
+                let (src, dst) = (x.row(t), &mut data[t * (kp + 8)..(t + 1) * (kp + 8)]);
+                dst[..k].copy_from_slice(&src[..k]);
+                dst[kp..].copy_from_slice(&src[k..k + 8]);
+            }
+            padded = QuantizedActs { ty: x.ty, k: kp, n_rows: x.n_rows, data };
+            &padded
+        } else {
+            x
+        };
         let n_tok = x.n_rows;
         // Tasks are groups of rows; each task keeps its weight rows hot while it walks every token.
         let rows_per_task = if n_tok == 1 { 16 } else { 8 }.min(self.rows).max(1);
@@ -142,7 +175,7 @@ impl QMatrix {
                 while tok + 4 <= n_tok {
                     let a = [x.row(tok), x.row(tok + 1), x.row(tok + 2), x.row(tok + 3)];
                     for r in r0..r1 {
-                        let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
+                        let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
                         for (j, v) in v.into_iter().enumerate() {
                             // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
                             unsafe { dst.write((tok + j) * self.rows + r, v) };
@@ -154,7 +187,7 @@ impl QMatrix {
             for tok in tok..n_tok {
                 let a = x.row(tok);
                 for r in r0..r1 {
-                    let v = dot(&w_all[r * rb..(r + 1) * rb], a, self.cols, self.scale);
+                    let v = dot(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
                     // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
                     unsafe { dst.write(tok * self.rows + r, v) };
                 }

@@ -9,6 +9,48 @@ use crate::{f16_at, f32_at, GgmlType, UnsupportedType};
 // Dequantization
 // ---------------------------------------------------------------------------------------------------------------
 
+/// Dequantizes a whole tensor of `rows` × `cols`. Unlike [`dequantize_row`] this is right for I2_S tensors whose
+/// rows are not whole 128-weight blocks (the blocks run over the flattened tensor).
+pub fn dequantize_tensor(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Result<Vec<f32>, UnsupportedType> {
+    let mut out = vec![0f32; rows * cols];
+    if ty == GgmlType::I2_S {
+        let s = i2s_tensor_scale(data);
+        let mut c = [0i8; 128];
+        for (blk, o) in data[..rows * cols / 4].chunks_exact(32).zip(out.chunks_exact_mut(128)) {
+            i2s_codes(blk, &mut c);
+            o.iter_mut().zip(&c).for_each(|(o, &c)| *o = (c - 1) as f32 * s);
+        }
+        return Ok(out);
+    }
+    let rb = ty.row_bytes(cols);
+    for (r, o) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        dequantize_row(ty, &data[r * rb..(r + 1) * rb], o, 1.0)?;
+    }
+    Ok(out)
+}
+
+/// I2_S with rows that are not whole blocks, repacked so every row is `padded` (a multiple of 128) weights: each
+/// row's codes, then zero weights; the same 32-byte tail. The kernels then see an ordinary I2_S matrix.
+pub fn i2s_pad_rows(data: &[u8], rows: usize, cols: usize, padded: usize) -> Vec<u8> {
+    let mut codes = vec![1u8; rows * padded];
+    let mut c = [0i8; 128];
+    for (b, blk) in data[..rows * cols / 4].chunks_exact(32).enumerate() {
+        i2s_codes(blk, &mut c);
+        for (j, &v) in c.iter().enumerate() {
+            let w = b * 128 + j;
+            codes[(w / cols) * padded + w % cols] = v as u8;
+        }
+    }
+    let mut out = Vec::with_capacity(rows * padded / 4 + 32);
+    for blk in codes.chunks_exact(128) {
+        for i in 0..32 {
+            out.push(blk[i] << 6 | blk[i + 32] << 4 | blk[i + 64] << 2 | blk[i + 96]);
+        }
+    }
+    out.extend_from_slice(&data[rows * cols / 4..]);
+    out
+}
+
 /// Dequantizes one row of `out.len()` weights. For I2_S, `i2s_scale` is the tensor's scale (from its tail).
 pub fn dequantize_row(ty: GgmlType, w: &[u8], out: &mut [f32], i2s_scale: f32) -> Result<(), UnsupportedType> {
     use GgmlType::*;

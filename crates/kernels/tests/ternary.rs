@@ -173,3 +173,48 @@ fn tq_per_token_kernels() {
         }
     }
 }
+
+/// I2_S matrices whose rows are not whole 128-weight blocks (SmolLM2's 576, here 192 and 320): bitnet.cpp's
+/// blocks run over the flattened tensor, so the kernels repack rows at load. Every backend must equal the exact
+/// integer formula on the original codes, and dequantized rows must be the original weights.
+#[test]
+fn i2s_rows_that_are_not_whole_blocks() {
+    let pool = ThreadPool::new(2);
+    for (rows, k) in [(6usize, 192usize), (2, 320), (16, 576)] {
+        assert_eq!(rows * k % 128, 0);
+        let mut seed = 0x2545F4914F6CDD1Du64 ^ (k as u64);
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let codes: Vec<u8> = (0..rows * k).map(|_| (rnd() % 3) as u8).collect();
+        let scale = 0.0371f32;
+        let values: Vec<f32> = codes.iter().map(|&c| (c as f32 - 1.0) * scale).collect();
+        let bytes = quantize_i2s(&values);
+        assert_eq!(bytes.len() as u64, GgmlType::I2_S.tensor_bytes(k as u64, (rows * k) as u64).unwrap());
+        assert_eq!(ternlm_kernels::scalar::dequantize_tensor(GgmlType::I2_S, &bytes, rows, k).unwrap(), values);
+        let x: Vec<f32> = (0..5 * k).map(|_| (rnd() % 2001) as f32 / 1000.0 - 1.0).collect();
+        let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
+        let mut results = Vec::new();
+        for backend in [Backend::Scalar, Backend::detect()] {
+            let m = QMatrix::with_backend(GgmlType::I2_S, WeightBytes::owned(bytes.clone()), rows, k, backend).unwrap();
+            let mut row = vec![0f32; k];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row);
+                assert_eq!(row, values[r * k..(r + 1) * k], "{rows}x{k} row {r}");
+            }
+            let mut out = vec![0f32; 5 * rows];
+            m.matmul(&q, &mut out, &pool);
+            for t in 0..5 {
+                for r in 0..rows {
+                    let want = exact(&codes[r * k..(r + 1) * k], q.row(t), k, scale);
+                    assert_eq!(out[t * rows + r], want, "{backend:?} {rows}x{k} token {t} row {r}");
+                }
+            }
+            results.push(out);
+        }
+        assert_eq!(results[0], results[1]);
+    }
+}

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use std::sync::Arc;
-use ternlm_gguf::{GgmlType, GgufFile};
+use ternlm_gguf::GgufFile;
 use ternlm_model::config::{FfnActivation, ModelConfig, RopeStyle};
 
 /// Q, K, V of one layer for attention-relation distillation: [B, T, heads·head_dim] each (Q and K after QK-norm and
@@ -34,19 +34,8 @@ pub struct TrainModel {
 fn dequantize(f: &GgufFile, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let info = f.tensor_info(name).with_context(|| format!("{}: no tensor '{name}'", f.path().display()))?;
     let (cols, rows) = (info.row_len(), info.n_rows());
-    let data = f.tensor_data(info);
-    let rb = info.ty.row_bytes(cols);
-    let s = if info.ty == GgmlType::I2_S { ternlm_kernels::scalar::i2s_tensor_scale(data) } else { 1.0 };
-    let mut v = vec![0f32; rows * cols];
-    for r in 0..rows {
-        ternlm_kernels::scalar::dequantize_row(
-            info.ty,
-            &data[r * rb..(r + 1) * rb],
-            &mut v[r * cols..(r + 1) * cols],
-            s,
-        )
+    let v = ternlm_kernels::scalar::dequantize_tensor(info.ty, f.tensor_data(info), rows, cols)
         .map_err(|e| anyhow::anyhow!("{}: tensor '{name}': {e}", f.path().display()))?;
-    }
     let shape = if info.dims.len() == 1 { vec![cols] } else { vec![rows, cols] };
     Ok((shape, v))
 }
