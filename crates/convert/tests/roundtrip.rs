@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use ternlm_convert::export::{ExportDtype, ExportOptions};
 use ternlm_convert::{parse_type, ConvertOptions, HfCheckpoint, PreChoice};
-use ternlm_gguf::{GgmlType, GgufFile};
+use ternlm_gguf::GgufFile;
 use ternlm_kernels::ThreadPool;
 use ternlm_model::sampling::argmax;
 use ternlm_model::{BatchToken, Model};
