@@ -7,6 +7,7 @@
 //! - `data.rs`: tasks as generation (SST-2, QNLI), text chunks, padded batches with loss masks;
 //! - `optim.rs`: AdamW with checkpointable state, LR schedule, atomic saves;
 //! - `stage.rs`: one training stage (fine-tune / distill / continued pre-training), resumable, JSONL log; eval;
+//! - `plot.rs`: loss curves as a PNG (no image crate);
 //! - `export.rs`: trained model → GGUF.
 
 pub mod data;
@@ -14,6 +15,7 @@ pub mod export;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod quant;
 pub mod stage;
 

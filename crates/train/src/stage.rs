@@ -176,6 +176,8 @@ pub fn train(
         }
         if (step + 1) % cfg.ckpt_every.max(1) == 0 || step + 1 == cfg.steps {
             save_checkpoint(student, &opt, &ckpt)?;
+            log.flush()?;
+            crate::plot::plot_metrics(&cfg.out.join("metrics.jsonl"), &cfg.out.join("loss.png"))?;
         }
     }
     Ok(last)

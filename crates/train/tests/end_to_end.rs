@@ -99,6 +99,12 @@ fn tiny_distillation_learns_and_exports() {
     for key in ["ce", "kd_logits", "kd_attention", "loss", "lr", "tokens_per_s"] {
         assert!(rows.iter().all(|r| r[key].as_f64().is_some_and(f64::is_finite)), "every step logs {key}");
     }
+    let png = std::fs::read(dir.join("run/loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let series = ternlm_train::plot::read_metrics(&dir.join("run/metrics.jsonl")).unwrap();
+    let names: Vec<&str> = series.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["loss", "ce", "kd_logits", "kd_attention"]);
+    assert!(series.iter().all(|(_, v)| v.len() == 60));
     let mean =
         |r: &[serde_json::Value], k: &str| r.iter().map(|x| x[k].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
     for k in ["loss", "ce", "kd_logits", "kd_attention"] {
