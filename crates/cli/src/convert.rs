@@ -17,8 +17,9 @@ pub struct ConvertArgs {
     #[arg(short, long, required_unless_present = "dry_run")]
     pub output: Option<PathBuf>,
     /// Type of the attention/FFN projections: i2_s, tq2_0, tq1_0 (ternarized with BitNet's absmean, or unpacked
-    /// exactly from packed checkpoints), or f32, f16, bf16, q8_0 (for every matrix).
-    #[arg(short = 't', long = "type", default_value = "f16")]
+    /// exactly from packed checkpoints), or f32, f16, bf16, q8_0 (for every matrix). auto: i2_s for BitNet
+    /// families and packed checkpoints, else f16.
+    #[arg(short = 't', long = "type", default_value = "auto")]
     pub out_type: String,
     /// Output head type when the head is not tied (f32, f16, bf16, q8_0). Default: f16 for ternary --type, else --type.
     #[arg(long)]
@@ -56,7 +57,8 @@ fn human(bytes: u64) -> String {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    let ty = parse_type(&a.out_type)?;
+    let ck = HfCheckpoint::open(&a.dir)?;
+    let ty = if a.out_type == "auto" { ternlm_convert::default_type(&ck)? } else { parse_type(&a.out_type)? };
     let mut opts = ConvertOptions::new(ty);
     opts.head_type = a.head_type.as_deref().map(parse_type).transpose()?;
     opts.embd_type = a.embd_type.as_deref().map(parse_type).transpose()?;
@@ -70,7 +72,6 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
             .as_deref()
             .map(|s| if s == "divide" { ScaleConvention::Divide } else { ScaleConvention::Multiply });
     opts.name = a.name.clone();
-    let ck = HfCheckpoint::open(&a.dir)?;
     let plan = ternlm_convert::plan(&ck, &opts)?;
     let h = &plan.hparams;
     let total: u64 = plan.tensors.iter().map(|t| t.nbytes()).sum();

@@ -39,6 +39,8 @@ fn export_dry_run_convert_and_run_a_directory() {
     );
     assert!(list.contains("blk.1.ffn_down.weight") && list.contains("I2_S") && list.contains("unpacked"), "{list}");
     assert!(!out.exists(), "--dry-run writes nothing");
+    let (auto, _) = ternlm(&["convert", hf_s, "--no-pre", "--dry-run"]);
+    assert!(auto.contains("blk.0.attn_q.weight") && auto.contains("I2_S"), "--type auto is I2_S for BitNet: {auto}");
 
     ternlm(&["convert", hf_s, "--type", "i2_s", "--no-pre", "-o", out_s]);
     let prompt = "The capital of France is";
