@@ -115,6 +115,10 @@ pub struct Batch {
     pub loss_mask: Tensor,
     pub key_mask: Tensor,
     pub n_tokens: usize,
+    /// Flat indices (into B·T) of the supervised positions, and their targets: the loss needs logits only there.
+    pub loss_rows: Tensor,
+    pub loss_targets: Tensor,
+    pub n_loss_rows: usize,
 }
 
 /// Builds a batch from (sequence, index where the supervised part starts) pairs; sequences longer than `max_len`
@@ -138,7 +142,13 @@ pub fn make_batch(seqs: &[(Vec<u32>, usize)], max_len: usize, dev: &Device) -> R
         }
     }
     let n_tokens = km.iter().filter(|&&v| v > 0.0).count();
+    let rows: Vec<u32> = (0..b * t).filter(|&i| lm[i] > 0.0).map(|i| i as u32).collect();
+    let row_targets: Vec<u32> = rows.iter().map(|&i| tgt[i as usize]).collect();
+    let n_loss_rows = rows.len();
     Ok(Batch {
+        loss_rows: Tensor::from_vec(rows, n_loss_rows, dev)?,
+        loss_targets: Tensor::from_vec(row_targets, n_loss_rows, dev)?,
+        n_loss_rows,
         tokens: Tensor::from_vec(tok, (b, t), dev)?,
         targets: Tensor::from_vec(tgt, b * t, dev)?,
         loss_mask: Tensor::from_vec(lm, b * t, dev)?,

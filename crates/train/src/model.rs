@@ -147,6 +147,35 @@ impl TrainModel {
 
     /// Logits [B, T, V] for right-padded token ids [B, T] (u32), and Q/K/V of layer `capture` if asked.
     pub fn forward(&self, tokens: &Tensor, capture: Option<usize>) -> Result<(Tensor, Option<Captured>)> {
+        let (x, captured) = self.hidden(tokens, capture)?;
+        Ok((self.head(&x)?, captured))
+    }
+
+    /// Logits [N, V] at the flat positions `rows` ([N] u32 indices into B·T) only. Task fine-tuning supervises
+    /// one or two positions per sequence, and the head (vocabulary × width) plus its softmax is the largest
+    /// single cost of a small model's step, so this skips it everywhere else.
+    pub fn forward_rows(
+        &self,
+        tokens: &Tensor,
+        capture: Option<usize>,
+        rows: &Tensor,
+    ) -> Result<(Tensor, Option<Captured>)> {
+        let (x, captured) = self.hidden(tokens, capture)?;
+        let x = x.reshape(((), self.cfg.n_embd))?.index_select(rows, 0)?;
+        Ok((self.head(&x)?, captured))
+    }
+
+    /// The output head on final hidden states [.., D].
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let head = match self.get("output.weight") {
+            Some(w) if !self.cfg.force_tied_head => w,
+            _ => self.req("token_embd.weight")?,
+        };
+        Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+
+    /// Final normed hidden states [B, T, D] and the captured Q/K/V.
+    fn hidden(&self, tokens: &Tensor, capture: Option<usize>) -> Result<(Tensor, Option<Captured>)> {
         let cfg = &self.cfg;
         let (b, t) = tokens.dims2()?;
         let (h, kvh, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
@@ -207,11 +236,6 @@ impl TrainModel {
             }
             x = (x + lin(&m, "ffn_down")?)?;
         }
-        let x = self.rms_norm(&x, &self.req("output_norm.weight")?)?;
-        let head = match self.get("output.weight") {
-            Some(w) if !cfg.force_tied_head => w,
-            _ => embd,
-        };
-        Ok((x.broadcast_matmul(&head.t()?)?, captured))
+        Ok((self.rms_norm(&x, &self.req("output_norm.weight")?)?, captured))
     }
 }

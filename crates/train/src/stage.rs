@@ -78,16 +78,36 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     p
 }
 
-fn batch_at(data: &Data, step: usize, cfg: &StageConfig, dev: &candle_core::Device) -> Result<Batch> {
+/// Steps per length-bucketing window.
+const BUCKET_STEPS: usize = 32;
+
+/// The examples of `step`'s batch. The stream of examples is a seeded permutation per epoch; each window of
+/// [`BUCKET_STEPS`] batches is sorted by length, cut into batches, and those batches visited in a seeded order.
+/// Batches are right-padded to their longest row, and SST-2's lengths run from 3 to ~60 tokens, so without this
+/// two thirds of a batch's compute would go to padding. Everything is a function of (seed, step): resuming from a
+/// checkpoint sees the same batches.
+fn batch_items(data: &Data, step: usize, cfg: &StageConfig) -> Vec<(Vec<u32>, usize)> {
     let n = data.len();
-    let items: Vec<(Vec<u32>, usize)> = (0..cfg.batch)
-        .map(|j| {
-            let k = step * cfg.batch + j;
-            let perm = permutation(n, cfg.seed, (k / n) as u64);
-            data.item(perm[k % n])
+    let window = step / BUCKET_STEPS;
+    let first = window * BUCKET_STEPS * cfg.batch;
+    let mut perms: Vec<(usize, Vec<usize>)> = Vec::new();
+    let mut ks: Vec<usize> = (first..first + BUCKET_STEPS * cfg.batch)
+        .map(|k| {
+            let epoch = k / n;
+            if !perms.iter().any(|(e, _)| *e == epoch) {
+                perms.push((epoch, permutation(n, cfg.seed, epoch as u64)));
+            }
+            perms.iter().find(|(e, _)| *e == epoch).unwrap().1[k % n]
         })
         .collect();
-    make_batch(&items, cfg.max_len, dev)
+    ks.sort_by_cached_key(|&i| data.item(i).0.len());
+    let order = permutation(BUCKET_STEPS, cfg.seed ^ 0xB0C4E7, window as u64);
+    let slot = order[step % BUCKET_STEPS];
+    ks[slot * cfg.batch..(slot + 1) * cfg.batch].iter().map(|&i| data.item(i)).collect()
+}
+
+fn batch_at(data: &Data, step: usize, cfg: &StageConfig, dev: &candle_core::Device) -> Result<Batch> {
+    make_batch(&batch_items(data, step, cfg), cfg.max_len, dev)
 }
 
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -127,16 +147,16 @@ pub fn train(
         let step = opt.step;
         let b = batch_at(&data, step, cfg, student.device())?;
         let capture = teacher.map(|_| rel_layer);
-        let (logits, s_cap) = student.forward(&b.tokens, capture.filter(|_| cfg.gamma > 0.0))?;
-        let v = logits.dim(2)?;
-        let flat = logits.reshape(((), v))?;
-        let ce = cross_entropy(&flat, &b.targets, &b.loss_mask)?;
+        let want = capture.filter(|_| cfg.gamma > 0.0);
+        let (flat, s_cap) = student.forward_rows(&b.tokens, want, &b.loss_rows)?;
+        let rows_mask = Tensor::ones(b.n_loss_rows, candle_core::DType::F32, student.device())?;
+        let ce = cross_entropy(&flat, &b.loss_targets, &rows_mask)?;
         let mut loss = ce.clone();
         let mut terms: Vec<(&str, f64)> = vec![("ce", ce.to_scalar::<f32>()? as f64)];
         if let Some(t) = teacher {
-            let (t_logits, t_cap) = t.forward(&b.tokens, capture.filter(|_| cfg.gamma > 0.0))?;
+            let (t_logits, t_cap) = t.forward_rows(&b.tokens, want, &b.loss_rows)?;
             if cfg.lambda > 0.0 {
-                let kl = logits_kl(&t_logits.reshape(((), v))?, &flat, cfg.tau, &b.loss_mask)?;
+                let kl = logits_kl(&t_logits, &flat, cfg.tau, &rows_mask)?;
                 terms.push(("kd_logits", kl.to_scalar::<f32>()? as f64));
                 loss = (loss + (kl * cfg.lambda)?)?;
             }
@@ -201,10 +221,12 @@ pub fn evaluate(m: &TrainModel, task: &Task, batch: usize, limit: Option<usize>)
         let items: Vec<(Vec<u32>, usize)> =
             chunk.iter().map(|e| (e.prompt.iter().copied().chain([0]).collect(), 0)).collect();
         let b = make_batch(&items, usize::MAX / 2, m.device())?;
-        let (logits, _) = m.forward(&b.tokens, None)?;
-        for (i, e) in chunk.iter().enumerate() {
-            let row = logits.get(i)?.get(e.prompt.len() - 1)?;
-            let p = row.argmax(0)?.to_scalar::<u32>()?;
+        let t = b.tokens.dim(1)?;
+        let rows: Vec<u32> = chunk.iter().enumerate().map(|(i, e)| (i * t + e.prompt.len() - 1) as u32).collect();
+        let rows = Tensor::from_vec(rows, chunk.len(), m.device())?;
+        let (logits, _) = m.forward_rows(&b.tokens, None, &rows)?;
+        let argmax = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (e, &p) in chunk.iter().zip(&argmax) {
             preds.push(p);
             if p == task.label_tokens[e.label][0] {
                 correct += 1;
@@ -212,4 +234,50 @@ pub fn evaluate(m: &TrainModel, task: &Task, batch: usize, limit: Option<usize>)
         }
     }
     Ok((correct as f64 / test.len().max(1) as f64, preds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucketed_batches_cover_each_epoch_once_and_group_lengths() {
+        // 256 sequences of lengths 1..=64 (each length 4 times), batch 4: 64 steps = 1 epoch = 2 windows.
+        let chunks: Vec<Vec<u32>> = (0..256).map(|i| vec![i as u32; 1 + i % 64]).collect();
+        let cfg = StageConfig {
+            steps: 64,
+            batch: 4,
+            max_len: 128,
+            lr: 0.0,
+            warmup: 0.0,
+            weight_decay: 0.0,
+            seed: 7,
+            ckpt_every: 1,
+            log_every: 1,
+            out: PathBuf::new(),
+            lambda: 0.0,
+            gamma: 0.0,
+            tau: 1.0,
+            rel_layer: -1,
+            rel_heads: 1,
+        };
+        let data = Data::Text(&chunks);
+        let mut seen = vec![0; 256];
+        let (mut padded, mut real) = (0, 0);
+        for step in 0..64 {
+            let items = batch_items(&data, step, &cfg);
+            assert_eq!(items, batch_items(&data, step, &cfg), "a function of the step");
+            let longest = items.iter().map(|(s, _)| s.len()).max().unwrap();
+            for (s, _) in &items {
+                seen[s[0] as usize] += 1;
+                real += s.len();
+                padded += longest;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "every example exactly once per epoch");
+        // Random batches of 4 over uniform lengths waste ~40%; sorted windows of 128 waste a few percent.
+        assert!(real as f64 / padded as f64 > 0.9, "{real} of {padded}");
+        // The next epoch uses a different order.
+        assert_ne!(batch_items(&data, 64, &cfg), batch_items(&data, 0, &cfg));
+    }
 }
