@@ -357,6 +357,48 @@ pub struct PerplexityArgs {
     pub chunks: Option<usize>,
 }
 
+#[derive(clap::Args)]
+pub struct AccuracyArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Task: sst2 (GLUE dev, 872 rows) or qnli (the reproducible test split of its GLUE dev set)
+    #[arg(long, default_value = "sst2")]
+    pub task: String,
+    /// Directory holding sst2/ and qnli/
+    #[arg(long, default_value = "../shared/data")]
+    pub data: PathBuf,
+    /// Only the first N test rows
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Prompts per forward pass
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Write each row's predicted first token id, one per line (compare with `ternlm-train eval --predictions`)
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+}
+
+/// Greedy task accuracy with the inference engine (what `ternlm run` would answer).
+pub fn accuracy(a: AccuracyArgs) -> Result<()> {
+    let mut m = a.m.clone();
+    m.ctx_size = Some(a.m.ctx_size.unwrap_or(512));
+    let l = m.load()?;
+    let task = ternlm_model::tasks::Task::load(&a.task, &a.data, &l.tok)?;
+    let t0 = std::time::Instant::now();
+    let (acc, preds) =
+        ternlm_model::tasks::engine_accuracy(&l.model, &l.pool, &task, a.batch, a.limit, |done, total| {
+            emit(&format!("\r{done}/{total}"));
+        })?;
+    emit("\n");
+    println!("{} accuracy: {:.2}% ({} rows)", task.name, acc * 100.0, preds.len());
+    eprintln!("accuracy: {:.1} s", t0.elapsed().as_secs_f64());
+    if let Some(p) = &a.predictions {
+        let text: String = preds.iter().map(|t| format!("{t}\n")).collect();
+        std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    Ok(())
+}
+
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let mut m = a.m.clone();
     m.ctx_size = Some(a.m.ctx_size.unwrap_or(512));

@@ -31,6 +31,8 @@ enum Command {
     Tokenize(commands::TokenizeArgs),
     /// Perplexity over a text file, computed the way llama.cpp's llama-perplexity does.
     Perplexity(commands::PerplexityArgs),
+    /// Greedy accuracy on a classification task (SST-2, QNLI) cast as generation, with the inference engine.
+    Accuracy(commands::AccuracyArgs),
     /// Print the top-K (id, logit) pairs at every prompt position.
     Logits(commands::LogitsArgs),
     /// Convert a Hugging Face model directory (safetensors + config + tokenizer) to GGUF, ternarizing if asked.
@@ -71,6 +73,7 @@ fn main() {
         Command::Info(a) => commands::info(a),
         Command::Tokenize(a) => commands::tokenize(a),
         Command::Perplexity(a) => commands::perplexity(a),
+        Command::Accuracy(a) => commands::accuracy(a),
         Command::Logits(a) => commands::logits(a),
         Command::Convert(a) => convert::convert(a),
         Command::ExportHf(a) => convert::export_hf(a),

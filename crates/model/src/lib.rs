@@ -1,5 +1,5 @@
 //! The model runtime: configuration from GGUF, one decoder for every supported architecture, the KV cache,
-//! sampling, streaming generation, chat templates and perplexity.
+//! sampling, streaming generation, chat templates, perplexity and task accuracy.
 
 pub mod chat;
 pub mod config;
@@ -10,6 +10,7 @@ pub mod kv;
 pub mod ops;
 pub mod perplexity;
 pub mod sampling;
+pub mod tasks;
 
 pub use config::ModelConfig;
 pub use decoder::{BatchToken, Linear, Model};

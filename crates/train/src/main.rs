@@ -74,6 +74,9 @@ enum Cmd {
         ternary: bool,
         #[arg(long)]
         limit: Option<usize>,
+        /// Write each row's predicted first token id, one per line.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
         #[arg(short = 't', long, default_value_t = 2)]
         threads: usize,
     },
@@ -96,6 +99,11 @@ struct Common {
     /// Do not insert SubLN norms (ternary runs insert them by default, as Stage 1).
     #[arg(long)]
     no_subln: bool,
+    /// Start from the latent (full-precision) weights of an earlier stage's `checkpoint.safetensors` (or its
+    /// directory) instead of the GGUF's values: chaining Stage 2 → Stage 3 through the exported I2_S file would
+    /// re-ternarize already ternary weights (a different scale) and lose the latent precision.
+    #[arg(long)]
+    init: Option<PathBuf>,
     #[arg(long, default_value_t = 200)]
     steps: usize,
     #[arg(long, default_value_t = 8)]
@@ -142,6 +150,14 @@ fn stage_config(c: &Common) -> StageConfig {
     }
 }
 
+fn load_student(c: &Common, ternary: bool) -> Result<(TrainModel, Tokenizer)> {
+    let (m, tok) = load(&c.model, ternary, !c.no_subln)?;
+    if let Some(init) = &c.init {
+        init_from(&m, init)?;
+    }
+    Ok((m, tok))
+}
+
 fn load(path: &PathBuf, ternary: bool, subln: bool) -> Result<(TrainModel, Tokenizer)> {
     let f = Arc::new(GgufFile::open(path)?);
     let tok = Tokenizer::from_gguf(&f, None)?;
@@ -155,15 +171,39 @@ fn load(path: &PathBuf, ternary: bool, subln: bool) -> Result<(TrainModel, Token
     Ok((m, tok))
 }
 
+/// Replaces every parameter with the same-named `param.*` tensor of a stage checkpoint.
+fn init_from(m: &TrainModel, path: &std::path::Path) -> Result<()> {
+    let path = if path.is_dir() { path.join(ternlm_train::stage::CHECKPOINT) } else { path.to_path_buf() };
+    let st = candle_core::safetensors::load(&path, m.device()).with_context(|| format!("{}: cannot read", path.display()))?;
+    let vars = m.vars.data().lock().unwrap();
+    for (name, var) in vars.iter() {
+        let t = st.get(&format!("param.{name}")).with_context(|| {
+            format!("{}: no 'param.{name}' (a checkpoint of a different model, or without SubLN?)", path.display())
+        })?;
+        if t.shape() != var.shape() {
+            anyhow::bail!("{}: 'param.{name}' has shape {:?}, the model {:?}", path.display(), t.dims(), var.dims());
+        }
+        var.set(t)?;
+    }
+    let extra = st.keys().filter(|k| k.starts_with("param.") && !vars.contains_key(&k[6..])).count();
+    if extra > 0 {
+        anyhow::bail!("{}: {extra} parameters the model does not have", path.display());
+    }
+    eprintln!("initialised {} parameters from {}", vars.len(), path.display());
+    Ok(())
+}
+
 fn finish(m: &TrainModel, c: &Common, task: Option<&Task>) -> Result<()> {
     let out = c.out.join("model.gguf");
     export_gguf(m, &out, GgmlType::F16)?;
     eprintln!("wrote {}", out.display());
     if let (Some(task), Some(limit)) = (task, c.eval_limit.or(Some(usize::MAX))) {
         if limit > 0 {
-            let (acc, _) = evaluate(m, task, 16, Some(limit))?;
+            let (acc, preds) = evaluate(m, task, 16, Some(limit))?;
             eprintln!("{} accuracy (training-side greedy): {:.2}%", task.name, acc * 100.0);
             std::fs::write(c.out.join("accuracy.txt"), format!("{acc:.6}\n"))?;
+            let text: String = preds.iter().map(|t| format!("{t}\n")).collect();
+            std::fs::write(c.out.join("predictions.txt"), text)?;
         }
     }
     Ok(())
@@ -184,30 +224,34 @@ fn main() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Finetune(c) => {
-            let (m, tok) = load(&c.model, c.ternary, !c.no_subln)?;
+            let (m, tok) = load_student(&c, c.ternary)?;
             let task = Task::load(&c.task, &c.data, &tok)?;
             train(&m, None, Data::Task(&task), &stage_config(&c))?;
             finish(&m, &c, Some(&task))
         }
         Cmd::Cpt { c, text } => {
-            let (m, tok) = load(&c.model, true, !c.no_subln)?;
+            let (m, tok) = load_student(&c, true)?;
             let chunks = text_chunks(&text, &tok, c.max_len)?;
             eprintln!("{}: {} chunks of {} tokens", text.display(), chunks.len(), c.max_len);
             train(&m, None, Data::Text(&chunks), &stage_config(&c))?;
             finish(&m, &c, None)
         }
         Cmd::Distill { c, teacher, lambda, gamma, tau, rel_layer, rel_heads } => {
-            let (m, tok) = load(&c.model, true, !c.no_subln)?;
+            let (m, tok) = load_student(&c, true)?;
             let (t, _) = load(&teacher, false, false)?;
             let task = Task::load(&c.task, &c.data, &tok)?;
             let cfg = StageConfig { lambda, gamma, tau, rel_layer, rel_heads, ..stage_config(&c) };
             train(&m, Some(&t), Data::Task(&task), &cfg)?;
             finish(&m, &c, Some(&task))
         }
-        Cmd::Eval { model, task, data, ternary, limit, .. } => {
+        Cmd::Eval { model, task, data, ternary, limit, predictions, .. } => {
             let (m, tok) = load(&model, ternary, false)?;
             let task = Task::load(&task, &data, &tok)?;
-            let (acc, _) = evaluate(&m, &task, 16, limit)?;
+            let (acc, preds) = evaluate(&m, &task, 16, limit)?;
+            if let Some(p) = &predictions {
+                let text: String = preds.iter().map(|t| format!("{t}\n")).collect();
+                std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display()))?;
+            }
             println!(
                 "{} accuracy: {:.2}% ({} rows)",
                 task.name,

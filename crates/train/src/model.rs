@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use std::sync::Arc;
-use ternlm_gguf::GgufFile;
+use ternlm_gguf::{GgmlType, GgufFile};
 use ternlm_model::config::{FfnActivation, ModelConfig, RopeStyle};
 
 /// Q, K, V of one layer for attention-relation distillation: [B, T, heads·head_dim] each (Q and K after QK-norm and
@@ -52,7 +52,17 @@ impl TrainModel {
         {
             let mut data = vars.data().lock().unwrap();
             for info in f.tensors() {
-                let (shape, v) = dequantize(&f, &info.name)?;
+                let (shape, mut v) = dequantize(&f, &info.name)?;
+                let stored_ternary = matches!(info.ty, GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0);
+                if ternary && stored_ternary && Self::is_projection(&info.name) {
+                    // Already ternary (Δ·{-1,0,1}): re-ternarizing those values would give the scale Δ·p (p = the
+                    // nonzero fraction) and a different forward. Latent codes·Δ/p ternarize back exactly.
+                    let nonzero = v.iter().filter(|x| **x != 0.0).count();
+                    if nonzero > 0 {
+                        let p = nonzero as f64 / v.len() as f64;
+                        v.iter_mut().for_each(|x| *x = (*x as f64 / p) as f32);
+                    }
+                }
                 data.insert(info.name.clone(), Var::from_tensor(&Tensor::from_vec(v, shape, &dev)?)?);
             }
         }

@@ -114,7 +114,7 @@ fn tiny_distillation_learns_and_exports() {
             assert!(last < 0.7 * first, "{k} should fall: {first} → {last}");
         }
     }
-    let (acc, _) = evaluate(&student, &task, 8, None).unwrap();
+    let (acc, train_preds) = evaluate(&student, &task, 8, None).unwrap();
     eprintln!("training-set accuracy after distillation: {acc}");
     assert!(acc >= 5.0 / 6.0, "the student fits the six examples ({acc})");
 
@@ -127,19 +127,22 @@ fn tiny_distillation_learns_and_exports() {
     let model = Model::from_gguf(g.clone()).unwrap();
     let tok = Tokenizer::from_gguf(&g, None).unwrap();
     let pool = ThreadPool::new(2);
-    let mut agree = 0;
-    for e in &task.test {
-        let mut kv = model.new_kv_cache(64, 1);
-        let batch: Vec<_> = e
-            .prompt
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| ternlm_model::BatchToken { token: t, pos: i, seq: 0, logits: i + 1 == e.prompt.len() })
-            .collect();
-        let logits = model.forward(&batch, &mut kv, &pool).unwrap();
-        agree += (ternlm_model::sampling::argmax(&logits) == task.label_tokens[e.label][0]) as usize;
-    }
+    // Three prompts per forward pass: the engine's multi-sequence batches give what single prompts would.
+    let (engine_acc, engine_preds) =
+        ternlm_model::tasks::engine_accuracy(&model, &pool, &task, 3, None, |_, _| {}).unwrap();
+    let agree = engine_preds.iter().zip(&train_preds).filter(|(a, b)| a == b).count();
+    eprintln!("engine accuracy {engine_acc}, predictions equal to the trainer's on {agree}/6");
     assert!(agree >= 5, "the inference engine reproduces the trained predictions ({agree}/6)");
+    // Reloading the I2_S export for (ternary) training keeps the forward: the same predictions as the live student.
+    let reloaded = TrainModel::from_gguf(g.clone(), true).unwrap();
+    let (_, reloaded_preds) = evaluate(&reloaded, &task, 8, None).unwrap();
+    assert_eq!(reloaded_preds, train_preds, "ternary reload of the export changes the forward");
+    let ids = candle_core::Tensor::new(task.test[0].prompt.as_slice(), student.device()).unwrap().unsqueeze(0).unwrap();
+    let flat = |m: &TrainModel| -> Vec<f32> { m.forward(&ids, None).unwrap().0.flatten_all().unwrap().to_vec1().unwrap() };
+    let (a, b) = (flat(&student), flat(&reloaded));
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst <= 1e-2 * scale, "reloaded logits differ by {worst} (scale {scale})");
     let mut kv = model.new_kv_cache(64, 1);
     let opts = GenerateOptions { max_tokens: 4, ignore_eos: true, ..Default::default() };
     let mut text = String::new();
