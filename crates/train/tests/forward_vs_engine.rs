@@ -110,3 +110,25 @@ fn ragged_width_student_exports_and_matches() {
     assert!(exact >= 3, "only {exact} positions agree before the first difference");
     assert!(diffs.iter().all(|&d| d <= 2e-2 * scale));
 }
+
+/// Task accuracy is the same number on both sides: the trainer's greedy evaluation (`ternlm-train eval`) and the
+/// engine's (`ternlm accuracy`) predict the same first tokens on SST-2 rows for the I2_S fixture loaded directly
+/// (ternary weights reloaded for training keep their stored scale).
+#[test]
+fn trainer_and_engine_task_predictions_agree() {
+    let f = Arc::new(GgufFile::open(shared().join("fixtures/models/tiny-b158-i2s.gguf")).unwrap());
+    let tok = ternlm_tokenizer::Tokenizer::from_gguf(&f, None).unwrap();
+    let task = ternlm_model::tasks::Task::load("sst2", &shared().join("data"), &tok).unwrap();
+    assert_eq!(task.test.len(), 872);
+    let mut m = TrainModel::from_gguf(f.clone(), true).unwrap();
+    m.f16_qkv = true;
+    let n = 48;
+    let (train_acc, train_preds) = ternlm_train::stage::evaluate(&m, &task, 16, Some(n)).unwrap();
+    let model = Model::from_gguf(f).unwrap();
+    let (engine_acc, engine_preds) =
+        ternlm_model::tasks::engine_accuracy(&model, &ThreadPool::new(2), &task, 8, Some(n), |_, _| {}).unwrap();
+    let agree = train_preds.iter().zip(&engine_preds).filter(|(a, b)| a == b).count();
+    eprintln!("trainer {train_acc:.4} / engine {engine_acc:.4}; same prediction on {agree}/{n} rows");
+    // A random tiny model's top logits can sit within an int8-rounding flip of each other; allow one such row.
+    assert!(agree >= n - 1, "trainer and engine disagree on {} of {n} rows", n - agree);
+}
