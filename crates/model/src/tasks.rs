@@ -139,7 +139,12 @@ pub fn engine_accuracy(
             .enumerate()
             .flat_map(|(s, e)| {
                 let n = e.prompt.len();
-                e.prompt.iter().enumerate().map(move |(i, &token)| BatchToken { token, pos: i, seq: s, logits: i + 1 == n })
+                e.prompt.iter().enumerate().map(move |(i, &token)| BatchToken {
+                    token,
+                    pos: i,
+                    seq: s,
+                    logits: i + 1 == n,
+                })
             })
             .collect();
         let logits = model.forward(&tokens, &mut kv, pool)?;

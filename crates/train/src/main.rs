@@ -174,7 +174,8 @@ fn load(path: &PathBuf, ternary: bool, subln: bool) -> Result<(TrainModel, Token
 /// Replaces every parameter with the same-named `param.*` tensor of a stage checkpoint.
 fn init_from(m: &TrainModel, path: &std::path::Path) -> Result<()> {
     let path = if path.is_dir() { path.join(ternlm_train::stage::CHECKPOINT) } else { path.to_path_buf() };
-    let st = candle_core::safetensors::load(&path, m.device()).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = candle_core::safetensors::load(&path, m.device())
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let vars = m.vars.data().lock().unwrap();
     for (name, var) in vars.iter() {
         let t = st.get(&format!("param.{name}")).with_context(|| {

@@ -67,7 +67,8 @@ impl candle_core::InplaceOp2 for AdamPass<'_> {
     ) -> candle_core::Result<()> {
         use candle_core::CpuStorage::F32;
         use rayon::prelude::*;
-        let (F32(p), F32(g), Some((p0, p1)), Some((g0, g1))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
+        let (F32(p), F32(g), Some((p0, p1)), Some((g0, g1))) =
+            (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
             candle_core::bail!("adamw: parameters and gradients must be contiguous f32");
         };
@@ -146,7 +147,11 @@ impl AdamW {
             for (key, dst) in [(format!("adam.m.{n}"), m), (format!("adam.v.{n}"), v)] {
                 let t = st.get(&key).with_context(|| format!("checkpoint lacks {key}"))?;
                 if t.elem_count() != var.elem_count() {
-                    anyhow::bail!("checkpoint: {key} has {} values, the parameter {}", t.elem_count(), var.elem_count());
+                    anyhow::bail!(
+                        "checkpoint: {key} has {} values, the parameter {}",
+                        t.elem_count(),
+                        var.elem_count()
+                    );
                 }
                 *dst = t.flatten_all()?.to_vec1::<f32>()?;
             }

@@ -138,7 +138,8 @@ fn tiny_distillation_learns_and_exports() {
     let (_, reloaded_preds) = evaluate(&reloaded, &task, 8, None).unwrap();
     assert_eq!(reloaded_preds, train_preds, "ternary reload of the export changes the forward");
     let ids = candle_core::Tensor::new(task.test[0].prompt.as_slice(), student.device()).unwrap().unsqueeze(0).unwrap();
-    let flat = |m: &TrainModel| -> Vec<f32> { m.forward(&ids, None).unwrap().0.flatten_all().unwrap().to_vec1().unwrap() };
+    let flat =
+        |m: &TrainModel| -> Vec<f32> { m.forward(&ids, None).unwrap().0.flatten_all().unwrap().to_vec1().unwrap() };
     let (a, b) = (flat(&student), flat(&reloaded));
     let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));

@@ -132,3 +132,89 @@ fn trainer_and_engine_task_predictions_agree() {
     // A random tiny model's top logits can sit within an int8-rounding flip of each other; allow one such row.
     assert!(agree >= n - 1, "trainer and engine disagree on {} of {n} rows", n - agree);
 }
+
+/// A random `llama` file re-labelled as `arch`, with what that family adds: Qwen2's q/k/v biases, Qwen3's per-head
+/// QK RMSNorms. Weights stay f32.
+fn qwen_variant(src: &std::path::Path, arch: &str, out: &std::path::Path) {
+    let f = GgufFile::open(src).unwrap();
+    let mut w = ternlm_gguf::GgufWriter::new();
+    for (k, v) in f.metadata() {
+        let key = match k.strip_prefix("llama.") {
+            Some(rest) => format!("{arch}.{rest}"),
+            None => k.clone(),
+        };
+        w.set(key, if k == "general.architecture" { ternlm_gguf::Value::String(arch.into()) } else { v.clone() });
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    use rand::{Rng, SeedableRng};
+    let mut vec_bytes = |n: usize, center: f32, spread: f32| -> Vec<u8> {
+        (0..n).flat_map(|_| (center + rng.gen_range(-spread..spread)).to_le_bytes()).collect()
+    };
+    let hd = 32u64;
+    let mut extra: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
+    for info in f.tensors() {
+        let rows = info.dims.get(1).copied().unwrap_or(1);
+        for (proj, bias) in
+            [("attn_q.weight", "attn_q.bias"), ("attn_k.weight", "attn_k.bias"), ("attn_v.weight", "attn_v.bias")]
+        {
+            if arch == "qwen2" && info.name.ends_with(proj) {
+                extra.push((info.name.replace(proj, bias), vec![rows], vec_bytes(rows as usize, 0.0, 0.5)));
+            }
+        }
+        if arch == "qwen3" && info.name.ends_with("attn_q.weight") {
+            for n in ["attn_q_norm.weight", "attn_k_norm.weight"] {
+                extra.push((info.name.replace("attn_q.weight", n), vec![hd], vec_bytes(hd as usize, 1.0, 0.3)));
+            }
+        }
+    }
+    for info in f.tensors() {
+        w.add_tensor(info.name.clone(), info.ty, &info.dims, f.tensor_data(info)).unwrap();
+    }
+    for (name, dims, bytes) in extra {
+        w.add_tensor(name, GgmlType::F32, &dims, bytes).unwrap();
+    }
+    w.write_to_file(out).unwrap();
+}
+
+/// The training decoder's Qwen2 (biases) and Qwen3 (QK-norm) paths, full precision, equal the engine's forward.
+#[test]
+fn qwen2_and_qwen3_training_forward_equals_engine() {
+    use ternlm_model::generator::{write_random_model, GenSpec};
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen-train");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = GenSpec {
+        arch: "llama".into(),
+        n_embd: 128,
+        n_layer: 2,
+        n_ff: 256,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ctx: 64,
+        rope_base: 1e6,
+        weight_type: GgmlType::F32,
+        embd_type: GgmlType::F32,
+        seed: 13,
+    };
+    let src = dir.join("llama.gguf");
+    write_random_model(&spec, &shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-qwen2.gguf"), &src)
+        .unwrap();
+    let tokens: Vec<u32> = vec![785, 6722, 315, 9625, 374, 12095, 13, 576, 3974];
+    for arch in ["qwen2", "qwen3"] {
+        let path = dir.join(format!("{arch}.gguf"));
+        qwen_variant(&src, arch, &path);
+        let f = Arc::new(GgufFile::open(&path).unwrap());
+        let mut m = TrainModel::from_gguf(f.clone(), false).unwrap();
+        m.f16_qkv = true;
+        let ids = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let train: Vec<f32> = m.forward(&ids, None).unwrap().0.flatten_all().unwrap().to_vec1().unwrap();
+        let model = Model::from_gguf(f).unwrap();
+        let mut kv = model.new_kv_cache(32, 1);
+        let batch: Vec<BatchToken> =
+            tokens.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+        let engine = model.forward(&batch, &mut kv, &ThreadPool::new(2)).unwrap();
+        let scale = engine.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let worst = train.iter().zip(&engine).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{arch}: max |Δlogit| {worst} (max |logit| {scale})");
+        assert!(worst <= 1e-3 * scale, "{arch}: training forward differs from the engine by {worst}");
+    }
+}
