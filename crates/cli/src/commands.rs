@@ -1,6 +1,6 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use ternlm_gguf::GgufFile;
@@ -387,9 +387,13 @@ pub fn accuracy(a: AccuracyArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let (acc, preds) =
         ternlm_model::tasks::engine_accuracy(&l.model, &l.pool, &task, a.batch, a.limit, |done, total| {
-            emit(&format!("\r{done}/{total}"));
+            if std::io::stderr().is_terminal() {
+                eprint!("\r{done}/{total} rows");
+            }
         })?;
-    emit("\n");
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
     println!("{} accuracy: {:.2}% ({} rows)", task.name, acc * 100.0, preds.len());
     eprintln!("accuracy: {:.1} s", t0.elapsed().as_secs_f64());
     if let Some(p) = &a.predictions {

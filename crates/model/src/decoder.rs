@@ -24,6 +24,9 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     /// Optional per-tensor output scale (`<name>.scale`, as in 1bitLLM `bitnet` files), applied before the bias.
     pub scale: Option<f32>,
+    /// Optional RMSNorm of the input (`<name>_in_norm.weight`, with the model's epsilon): BitDistill's "allnorm"
+    /// SubLN variant puts one before every quantized projection.
+    pub in_norm: Option<(Vec<f32>, f32)>,
 }
 
 impl Linear {
@@ -34,10 +37,19 @@ impl Linear {
     /// `out[t] = W·x[t] (+ b)` for `n` rows of `x`, reusing `q` when it already holds `x` in this layer's format.
     fn forward(&self, x: &[f32], q: &mut Option<QuantizedActs>, out: &mut [f32], pool: &ThreadPool) {
         let act = self.w.act_type();
-        if q.as_ref().is_none_or(|q| q.ty != act) {
-            *q = Some(quantize_parallel(act, x, self.w.cols, pool));
+        if let Some((w, eps)) = &self.in_norm {
+            // This layer's own normalised input: neither reuses nor leaves behind the shared quantized rows.
+            let mut xn = vec![0f32; x.len()];
+            for (src, dst) in x.chunks_exact(self.w.cols).zip(xn.chunks_exact_mut(self.w.cols)) {
+                ops::rms_norm(src, w, *eps, dst);
+            }
+            self.w.matmul(&quantize_parallel(act, &xn, self.w.cols, pool), out, pool);
+        } else {
+            if q.as_ref().is_none_or(|q| q.ty != act) {
+                *q = Some(quantize_parallel(act, x, self.w.cols, pool));
+            }
+            self.w.matmul(q.as_ref().expect("set above"), out, pool);
         }
-        self.w.matmul(q.as_ref().expect("set above"), out, pool);
         if let Some(s) = self.scale {
             out.iter_mut().for_each(|o| *o *= s);
         }
@@ -104,6 +116,7 @@ pub struct BatchToken {
 
 struct Loader<'a> {
     f: &'a Arc<GgufFile>,
+    rms_eps: f32,
     backend: Backend,
     f32_acts_for_f16: bool,
 }
@@ -156,7 +169,8 @@ impl Loader<'_> {
         let w = self.matrix(&format!("{name}.weight"), cols, rows)?;
         let bias = self.opt_vector(&format!("{name}.bias"), rows)?;
         let scale = self.opt_vector(&format!("{name}.scale"), 1)?.map(|v| v[0]);
-        Ok(Linear { w, bias, scale })
+        let in_norm = self.opt_vector(&format!("{name}_in_norm.weight"), cols)?.map(|w| (w, self.rms_eps));
+        Ok(Linear { w, bias, scale, in_norm })
     }
 }
 
@@ -173,7 +187,7 @@ impl Model {
     /// Loads with a chosen kernel backend (the scalar reference, e.g., to check the SIMD paths on a real model).
     pub fn from_gguf_with_backend(f: Arc<GgufFile>, backend: Backend) -> Result<Model> {
         let cfg = ModelConfig::from_gguf(&f)?;
-        let l = Loader { f: &f, backend, f32_acts_for_f16: cfg.f16_weights_f32_acts };
+        let l = Loader { f: &f, rms_eps: cfg.rms_eps, backend, f32_acts_for_f16: cfg.f16_weights_f32_acts };
         let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let tok_embd = l.matrix("token_embd.weight", d, cfg.n_vocab)?;
         // No capacity from the file's block_count: a hostile value must fail on the first missing tensor, not allocate.

@@ -16,6 +16,7 @@ use ternlm_gguf::{GgmlType, GgufFile};
 use ternlm_tokenizer::Tokenizer;
 use ternlm_train::data::{text_chunks, Task};
 use ternlm_train::export::export_gguf;
+use ternlm_train::model::SubLn;
 use ternlm_train::stage::{evaluate, train, Data, StageConfig};
 use ternlm_train::TrainModel;
 
@@ -99,6 +100,9 @@ struct Common {
     /// Do not insert SubLN norms (ternary runs insert them by default, as Stage 1).
     #[arg(long)]
     no_subln: bool,
+    /// Stage 1 placement: `paper` (before attn_output and ffn_down) or `allnorm` (before every projection).
+    #[arg(long, value_enum, default_value = "paper")]
+    subln: SubLn,
     /// Start from the latent (full-precision) weights of an earlier stage's `checkpoint.safetensors` (or its
     /// directory) instead of the GGUF's values: chaining Stage 2 → Stage 3 through the exported I2_S file would
     /// re-ternarize already ternary weights (a different scale) and lose the latent precision.
@@ -151,21 +155,22 @@ fn stage_config(c: &Common) -> StageConfig {
 }
 
 fn load_student(c: &Common, ternary: bool) -> Result<(TrainModel, Tokenizer)> {
-    let (m, tok) = load(&c.model, ternary, !c.no_subln)?;
+    let (m, tok) = load(&c.model, ternary, (!c.no_subln).then_some(c.subln))?;
     if let Some(init) = &c.init {
         init_from(&m, init)?;
     }
     Ok((m, tok))
 }
 
-fn load(path: &PathBuf, ternary: bool, subln: bool) -> Result<(TrainModel, Tokenizer)> {
+fn load(path: &PathBuf, ternary: bool, subln: Option<SubLn>) -> Result<(TrainModel, Tokenizer)> {
     let f = Arc::new(GgufFile::open(path)?);
     let tok = Tokenizer::from_gguf(&f, None)?;
     let m = TrainModel::from_gguf(f, ternary)?;
-    if ternary && subln {
-        let n = m.add_sub_norms()?;
+    if let (true, Some(placement)) = (ternary, subln) {
+        let n = m.add_sub_norms(placement)?;
         if n > 0 {
-            eprintln!("Stage 1 (SubLN): inserted {n} RMSNorms before attn_output and ffn_down");
+            let at = if placement == SubLn::Paper { "attn_output and ffn_down" } else { "every projection" };
+            eprintln!("Stage 1 (SubLN): inserted {n} RMSNorms before {at}");
         }
     }
     Ok((m, tok))
@@ -239,14 +244,14 @@ fn main() -> Result<()> {
         }
         Cmd::Distill { c, teacher, lambda, gamma, tau, rel_layer, rel_heads } => {
             let (m, tok) = load_student(&c, true)?;
-            let (t, _) = load(&teacher, false, false)?;
+            let (t, _) = load(&teacher, false, None)?;
             let task = Task::load(&c.task, &c.data, &tok)?;
             let cfg = StageConfig { lambda, gamma, tau, rel_layer, rel_heads, ..stage_config(&c) };
             train(&m, Some(&t), Data::Task(&task), &cfg)?;
             finish(&m, &c, Some(&task))
         }
         Cmd::Eval { model, task, data, ternary, limit, predictions, .. } => {
-            let (m, tok) = load(&model, ternary, false)?;
+            let (m, tok) = load(&model, ternary, None)?;
             let task = Task::load(&task, &data, &tok)?;
             let (acc, preds) = evaluate(&m, &task, 16, limit)?;
             if let Some(p) = &predictions {

@@ -20,6 +20,19 @@ pub struct Captured {
     pub v: Tensor,
 }
 
+/// Where Stage 1 puts its RMSNorms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SubLn {
+    /// The paper's: before the attention output and FFN down projections (BitNet 2B4T's sub-norms).
+    Paper,
+    /// The official scripts': before every quantized projection.
+    #[value(name = "allnorm")]
+    AllNorm,
+}
+
+const IN_NORMS: [&str; 5] =
+    ["attn_q_in_norm", "attn_k_in_norm", "attn_v_in_norm", "ffn_gate_in_norm", "ffn_up_in_norm"];
+
 pub struct TrainModel {
     pub cfg: ModelConfig,
     pub vars: VarMap,
@@ -81,13 +94,19 @@ impl TrainModel {
         self.get(name).with_context(|| format!("model has no tensor '{name}'"))
     }
 
-    /// Stage 1 (SubLN): RMSNorms, weight 1, before the attention output and FFN down projections, where missing.
-    /// Returns how many were added.
-    pub fn add_sub_norms(&self) -> Result<usize> {
+    /// Stage 1 (SubLN): RMSNorms, weight 1, before the attention output and FFN down projections, where missing;
+    /// with [`SubLn::AllNorm`] also before every other projection (`<proj>_in_norm`, the official scripts'
+    /// variant). Returns how many were added.
+    pub fn add_sub_norms(&self, placement: SubLn) -> Result<usize> {
         let mut data = self.vars.data().lock().unwrap();
         let mut n = 0;
+        let (d, qd, ff) = (self.cfg.n_embd, self.cfg.q_dim(), self.cfg.n_ff);
+        let mut norms = vec![("attn_sub_norm", qd), ("ffn_sub_norm", ff)];
+        if placement == SubLn::AllNorm {
+            norms.extend(IN_NORMS.iter().map(|&name| (name, d)));
+        }
         for l in 0..self.cfg.n_layer {
-            for (name, width) in [("attn_sub_norm", self.cfg.q_dim()), ("ffn_sub_norm", self.cfg.n_ff)] {
+            for &(name, width) in &norms {
                 if let std::collections::hash_map::Entry::Vacant(e) = data.entry(format!("blk.{l}.{name}.weight")) {
                     e.insert(Var::ones(width, DType::F32, &self.dev)?);
                     n += 1;
@@ -201,7 +220,10 @@ impl TrainModel {
             let lin = |x: &Tensor, name: &str| -> Result<Tensor> {
                 let w = self.req(&p(&format!("{name}.weight")))?;
                 let bias = self.get(&p(&format!("{name}.bias")));
-                Ok(linear(x, &w, bias.as_ref(), tern)?)
+                match self.get(&p(&format!("{name}_in_norm.weight"))) {
+                    Some(nw) => Ok(linear(&self.rms_norm(x, &nw)?, &w, bias.as_ref(), tern)?),
+                    None => Ok(linear(x, &w, bias.as_ref(), tern)?),
+                }
             };
             let hn = self.rms_norm(&x, &self.req(&p("attn_norm.weight"))?)?;
             let q = lin(&hn, "attn_q")?.reshape((b, t, h, hd))?.transpose(1, 2)?;

@@ -143,6 +143,8 @@ pub fn train(
     let mut last = HashMap::new();
     let start = Instant::now();
     let mut tokens_done = 0usize;
+    let first_step = opt.step;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     while opt.step < cfg.steps {
         let step = opt.step;
         let b = batch_at(&data, step, cfg, student.device())?;
@@ -185,13 +187,24 @@ pub fn train(
         writeln!(log, "{rec}")?;
         last = terms.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         last.insert("loss".into(), total);
+        let t: Vec<String> = terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        let line =
+            format!("step {:>6}/{} loss {total:.4} ({}) lr {lr:.2e} {tps:.0} tok/s", step + 1, cfg.steps, t.join(", "));
         if (step + 1) % cfg.log_every.max(1) == 0 || step + 1 == cfg.steps {
-            let t: Vec<String> = terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-            eprintln!(
-                "step {:>6}/{} loss {total:.4} ({}) lr {lr:.2e} {tps:.0} tok/s",
-                step + 1,
-                cfg.steps,
-                t.join(", ")
+            eprintln!("{}{line}", if tty { "\r\x1b[2K" } else { "" });
+        } else if tty {
+            // A live bar on terminals: progress, the step's losses, tokens/s and time left.
+            let done = (step + 1 - first_step) as f64;
+            let left = start.elapsed().as_secs_f64() / done * (cfg.steps - step - 1) as f64;
+            let frac = (step + 1) as f64 / cfg.steps as f64;
+            let filled = (frac * 20.0).round() as usize;
+            eprint!(
+                "\r\x1b[2K[{}{}] {:>3.0}% {line} ETA {}m{:02}s",
+                "#".repeat(filled),
+                "-".repeat(20 - filled),
+                frac * 100.0,
+                (left / 60.0) as u64,
+                (left % 60.0) as u64
             );
         }
         if (step + 1) % cfg.ckpt_every.max(1) == 0 || step + 1 == cfg.steps {

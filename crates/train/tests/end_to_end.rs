@@ -76,7 +76,11 @@ fn tiny_distillation_learns_and_exports() {
     let tok = Tokenizer::from_gguf(&f, None).unwrap();
     let teacher = TrainModel::from_gguf(f.clone(), false).unwrap();
     let student = TrainModel::from_gguf(f, true).unwrap();
-    assert_eq!(student.add_sub_norms().unwrap(), 4, "Stage 1 inserts attn/ffn sub-norms in both blocks");
+    assert_eq!(
+        student.add_sub_norms(ternlm_train::model::SubLn::Paper).unwrap(),
+        4,
+        "Stage 1 inserts attn/ffn sub-norms in both blocks"
+    );
 
     // A small task the student can fit: six reviews, label words " negative" / " positive".
     let texts = ["a gorgeous film", "dull and tired", "I loved it", "a waste of time", "warm and funny", "boring mess"];

@@ -21,7 +21,7 @@ fn shared() -> PathBuf {
 fn ternary_training_forward_equals_i2s_inference() {
     let f = Arc::new(GgufFile::open(shared().join("fixtures/models/tiny-b158-i2s.gguf")).unwrap());
     let mut m = TrainModel::from_gguf(f, true).unwrap();
-    assert_eq!(m.add_sub_norms().unwrap(), 0, "the fixture already has its sub-norms");
+    assert_eq!(m.add_sub_norms(ternlm_train::model::SubLn::Paper).unwrap(), 0, "the fixture already has its sub-norms");
     m.f16_qkv = true; // the engine's KV cache is f16
     let tokens: Vec<u32> = vec![128000, 791, 6864, 315, 9822, 374, 12366, 13];
     let (logits, _) =
@@ -81,13 +81,19 @@ fn ragged_width_student_exports_and_matches() {
         .unwrap();
     let mut m = TrainModel::from_gguf(Arc::new(GgufFile::open(&src).unwrap()), true).unwrap();
     m.f16_qkv = true;
+    assert_engine_matches(&m, &dir.join("student.gguf"), "ragged");
+}
+
+/// Exports the (ternary) training model to `out` as I2_S and checks the engine's logits against the training
+/// forward on a short SPM-vocabulary prompt: exact until an int8 rounding flip (which then carries through the
+/// KV cache); a wrong layout or a missing tensor would be off at position 0 already.
+fn assert_engine_matches(m: &TrainModel, out: &std::path::Path, what: &str) {
     let tokens: Vec<u32> = vec![1, 450, 7483, 310, 3444, 338, 3681, 29889];
     let (logits, _) =
         m.forward(&Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
     let train: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-    let out = dir.join("student.gguf");
-    export_gguf(&m, &out, GgmlType::F32).unwrap();
-    let model = Model::from_gguf(Arc::new(GgufFile::open(&out).unwrap())).unwrap();
+    export_gguf(m, out, GgmlType::F32).unwrap();
+    let model = Model::from_gguf(Arc::new(GgufFile::open(out).unwrap())).unwrap();
     let mut kv = model.new_kv_cache(32, 1);
     let batch: Vec<BatchToken> =
         tokens.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
@@ -103,12 +109,53 @@ fn ragged_width_student_exports_and_matches() {
                 .fold(0f32, f32::max)
         })
         .collect();
-    eprintln!("ragged: max |Δlogit| per position {diffs:?} (max |logit| {scale})");
-    // Exact until an int8 rounding flip (which then carries through the KV cache): a wrong repacking would be
-    // off at position 0 already.
+    eprintln!("{what}: max |Δlogit| per position {diffs:?} (max |logit| {scale})");
     let exact = diffs.iter().take_while(|&&d| d <= 1e-4 * scale).count();
-    assert!(exact >= 3, "only {exact} positions agree before the first difference");
-    assert!(diffs.iter().all(|&d| d <= 2e-2 * scale));
+    assert!(exact >= 3, "{what}: only {exact} positions agree before the first difference");
+    assert!(diffs.iter().all(|&d| d <= 2e-2 * scale), "{what}: {diffs:?}");
+}
+
+/// BitDistill's "allnorm" Stage 1 (an RMSNorm before every projection): the norms (given non-trivial weights, as
+/// training would) export as `<proj>_in_norm` and the engine applies them. (`bitnet-b1.58` so attention is the
+/// plain f32 kind on both sides and only the norms are under test.)
+#[test]
+fn allnorm_student_exports_and_matches() {
+    use ternlm_model::generator::{write_random_model, GenSpec};
+    use ternlm_train::model::SubLn;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("allnorm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = GenSpec {
+        arch: "bitnet-b1.58".into(),
+        n_embd: 128,
+        n_layer: 2,
+        n_ff: 256,
+        n_head: 4,
+        n_head_kv: 2,
+        n_ctx: 64,
+        rope_base: 10000.0,
+        weight_type: GgmlType::F32,
+        embd_type: GgmlType::F32,
+        seed: 17,
+    };
+    let src = dir.join("fp.gguf");
+    write_random_model(&spec, &shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-spm.gguf"), &src)
+        .unwrap();
+    let mut m = TrainModel::from_gguf(Arc::new(GgufFile::open(&src).unwrap()), true).unwrap();
+    m.f16_qkv = true;
+    assert_eq!(m.add_sub_norms(SubLn::AllNorm).unwrap(), 2 * 5, "five input norms per block (the sub-norms exist)");
+    let mut i = 0;
+    for (name, var) in m.vars.data().lock().unwrap().iter() {
+        if name.contains("_in_norm") || name.contains("sub_norm") {
+            i += 1;
+            let n = var.elem_count();
+            let w: Vec<f32> = (0..n).map(|j| 1.0 + 0.5 * (((j * 7 + i * 13) % 11) as f32 / 10.0 - 0.5)).collect();
+            var.set(&Tensor::from_vec(w, n, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let out = dir.join("student.gguf");
+    assert_engine_matches(&m, &out, "allnorm");
+    let g = GgufFile::open(&out).unwrap();
+    assert!(g.tensor_info("blk.1.ffn_up_in_norm.weight").is_some());
 }
 
 /// Task accuracy is the same number on both sides: the trainer's greedy evaluation (`ternlm-train eval`) and the
