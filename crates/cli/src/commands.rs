@@ -373,7 +373,7 @@ pub struct AccuracyArgs {
     /// Prompts per forward pass
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Write each row's predicted first token id, one per line (compare with `ternlm-train eval --predictions`)
+    /// Write each row's predicted first token id and its margin (top-1 minus top-2 logit), tab-separated, one row per line
     #[arg(long)]
     pub predictions: Option<PathBuf>,
 }
@@ -385,19 +385,18 @@ pub fn accuracy(a: AccuracyArgs) -> Result<()> {
     let l = m.load()?;
     let task = ternlm_model::tasks::Task::load(&a.task, &a.data, &l.tok)?;
     let t0 = std::time::Instant::now();
-    let (acc, preds) =
-        ternlm_model::tasks::engine_accuracy(&l.model, &l.pool, &task, a.batch, a.limit, |done, total| {
-            if std::io::stderr().is_terminal() {
-                eprint!("\r{done}/{total} rows");
-            }
-        })?;
+    let r = ternlm_model::tasks::engine_accuracy(&l.model, &l.pool, &task, a.batch, a.limit, |done, total| {
+        if std::io::stderr().is_terminal() {
+            eprint!("\r{done}/{total} rows");
+        }
+    })?;
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
-    println!("{} accuracy: {:.2}% ({} rows)", task.name, acc * 100.0, preds.len());
+    println!("{} accuracy: {:.2}% ({} rows)", task.name, r.accuracy * 100.0, r.predictions.len());
     eprintln!("accuracy: {:.1} s", t0.elapsed().as_secs_f64());
     if let Some(p) = &a.predictions {
-        let text: String = preds.iter().map(|t| format!("{t}\n")).collect();
+        let text: String = r.predictions.iter().zip(&r.margins).map(|(t, m)| format!("{t}\t{m:.5}\n")).collect();
         std::fs::write(p, text).with_context(|| format!("{}: cannot write", p.display()))?;
     }
     Ok(())

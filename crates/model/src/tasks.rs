@@ -113,8 +113,18 @@ pub fn label_tokens(tok: &Tokenizer, context: &str, words: &[&str]) -> Result<Ve
     Ok(out)
 }
 
-/// Greedy accuracy of the inference engine on the first `limit` test rows; returns (accuracy, predicted first
-/// tokens). Prompts run `batch` at a time as separate sequences of one forward pass.
+/// Greedy accuracy of the inference engine on the first `limit` test rows.
+pub struct EngineAccuracy {
+    pub accuracy: f64,
+    /// Each row's predicted first token.
+    pub predictions: Vec<u32>,
+    /// Each row's top-1 minus top-2 logit: how far the prediction is from flipping (a near-tie explains a
+    /// difference between two forward implementations).
+    pub margins: Vec<f32>,
+}
+
+/// Greedy accuracy of the inference engine on the first `limit` test rows. Prompts run `batch` at a time as
+/// separate sequences of one forward pass.
 pub fn engine_accuracy(
     model: &Model,
     pool: &ThreadPool,
@@ -122,12 +132,13 @@ pub fn engine_accuracy(
     batch: usize,
     limit: Option<usize>,
     mut progress: impl FnMut(usize, usize),
-) -> Result<(f64, Vec<u32>)> {
+) -> Result<EngineAccuracy> {
     let test = &task.test[..limit.unwrap_or(task.test.len()).min(task.test.len())];
     let batch = batch.max(1);
     let n_ctx = test.iter().map(|e| e.prompt.len()).max().unwrap_or(1).max(1);
     let mut kv = model.new_kv_cache(n_ctx, batch);
     let mut preds = Vec::with_capacity(test.len());
+    let mut margins = Vec::with_capacity(test.len());
     let mut correct = 0;
     let nv = model.cfg.n_vocab;
     for chunk in test.chunks(batch) {
@@ -152,11 +163,14 @@ pub fn engine_accuracy(
             // First maximum, as the trainer's argmax picks it.
             let p = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b }) as u32;
             preds.push(p);
+            let second =
+                row.iter().enumerate().filter(|&(i, _)| i != p as usize).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+            margins.push(row[p as usize] - second);
             if p == task.label_tokens[e.label][0] {
                 correct += 1;
             }
         }
         progress(preds.len(), test.len());
     }
-    Ok((correct as f64 / test.len().max(1) as f64, preds))
+    Ok(EngineAccuracy { accuracy: correct as f64 / test.len().max(1) as f64, predictions: preds, margins })
 }

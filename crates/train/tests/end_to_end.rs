@@ -132,8 +132,8 @@ fn tiny_distillation_learns_and_exports() {
     let tok = Tokenizer::from_gguf(&g, None).unwrap();
     let pool = ThreadPool::new(2);
     // Three prompts per forward pass: the engine's multi-sequence batches give what single prompts would.
-    let (engine_acc, engine_preds) =
-        ternlm_model::tasks::engine_accuracy(&model, &pool, &task, 3, None, |_, _| {}).unwrap();
+    let r = ternlm_model::tasks::engine_accuracy(&model, &pool, &task, 3, None, |_, _| {}).unwrap();
+    let (engine_acc, engine_preds) = (r.accuracy, r.predictions);
     let agree = engine_preds.iter().zip(&train_preds).filter(|(a, b)| a == b).count();
     eprintln!("engine accuracy {engine_acc}, predictions equal to the trainer's on {agree}/6");
     assert!(agree >= 5, "the inference engine reproduces the trained predictions ({agree}/6)");

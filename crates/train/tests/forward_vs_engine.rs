@@ -172,10 +172,16 @@ fn trainer_and_engine_task_predictions_agree() {
     let n = 48;
     let (train_acc, train_preds) = ternlm_train::stage::evaluate(&m, &task, 16, Some(n)).unwrap();
     let model = Model::from_gguf(f).unwrap();
-    let (engine_acc, engine_preds) =
-        ternlm_model::tasks::engine_accuracy(&model, &ThreadPool::new(2), &task, 8, Some(n), |_, _| {}).unwrap();
+    let r = ternlm_model::tasks::engine_accuracy(&model, &ThreadPool::new(2), &task, 8, Some(n), |_, _| {}).unwrap();
+    let (engine_acc, engine_preds) = (r.accuracy, r.predictions);
     let agree = train_preds.iter().zip(&engine_preds).filter(|(a, b)| a == b).count();
     eprintln!("trainer {train_acc:.4} / engine {engine_acc:.4}; same prediction on {agree}/{n} rows");
+    let mut sorted = r.margins.clone();
+    sorted.sort_by(f32::total_cmp);
+    for i in (0..n).filter(|&i| train_preds[i] != engine_preds[i]) {
+        eprintln!("row {i}: engine margin {} (median margin {})", r.margins[i], sorted[n / 2]);
+        assert!(r.margins[i] < 0.25 * sorted[n / 2], "row {i} differs without a near-tie");
+    }
     // A random tiny model's top logits can sit within an int8-rounding flip of each other; allow one such row.
     assert!(agree >= n - 1, "trainer and engine disagree on {} of {n} rows", n - agree);
 }
