@@ -240,11 +240,11 @@ fn convert(dir: &std::path::Path, out_type: &str, embd: &str) -> std::path::Path
 
 /// Runs the converted model on a few tokens and compares every position's logits with the reference.
 ///
-/// Position 0 (no attention mixing) must agree to 1e-4 of the logit scale. Later positions: float models to 5e-4
-/// (the f16 KV cache and f16 attention accumulator are modelled, the remaining differences are f32 vs f64);
-/// models with int8 activations to 1e-4 at the median position and 2e-2 everywhere, because an f32-vs-f64
-/// difference that lands on an int8 rounding boundary legitimately moves one activation by a whole step and
-/// every later position with it (see the ternary fixtures' README). A wrong permutation, scale or norm placement
+/// Float models: position 0 (no attention mixing) to 1e-4 of the logit scale, later positions to 5e-4 (the f16 KV
+/// cache and f16 attention accumulator are modelled, the remaining differences are f32 vs f64). Models with int8
+/// activations: 1e-4 at the median position and 2e-2 everywhere, because an f32-vs-f64 difference that lands on
+/// an int8 rounding boundary legitimately moves one activation by a whole step, at any position, and what depends
+/// on it (see the ternary fixtures' README). A wrong permutation, scale or norm placement
 /// moves logits by order 1.
 fn check_logits(gguf: &std::path::Path, reference: &RefModel) {
     let model = Model::from_gguf(Arc::new(GgufFile::open(gguf).unwrap())).unwrap();
@@ -267,7 +267,6 @@ fn check_logits(gguf: &std::path::Path, reference: &RefModel) {
     let name = gguf.display();
     let shown: Vec<String> = diffs.iter().map(|d| format!("{d:.1e}")).collect();
     eprintln!("{name}: max |Δlogit| per position [{}] (max |logit| {scale:.1})", shown.join(" "));
-    assert!(diffs[0] <= 1e-4 * scale, "{name}: position 0 logits differ by {}", diffs[0]);
     if reference.cfg.int8_acts {
         let mut sorted = diffs.clone();
         sorted.sort_by(f64::total_cmp);
@@ -278,6 +277,7 @@ fn check_logits(gguf: &std::path::Path, reference: &RefModel) {
         );
         assert!(sorted[sorted.len() - 1] <= 2e-2 * scale, "{name}: a position differs by {}", sorted[sorted.len() - 1]);
     } else {
+        assert!(diffs[0] <= 1e-4 * scale, "{name}: position 0 logits differ by {}", diffs[0]);
         assert!(diffs.iter().all(|&d| d <= 5e-4 * scale), "{name}: logits differ by up to {diffs:?}");
     }
 }
