@@ -52,7 +52,9 @@ pub fn export_gguf(m: &TrainModel, out: &Path, embd_type: GgmlType) -> Result<()
     }
     w.set("general.file_type", Value::U32(if m.ternary { 40 } else { 0 }));
     let mut names: Vec<String> = m.vars.data().lock().unwrap().keys().cloned().collect();
-    names.sort_by_key(|n| order_key(n));
+    // Ties (names BLOCK_ORDER does not list) break by name: the var map is a HashMap, and the same model should
+    // always export to the same bytes.
+    names.sort_by(|a, b| order_key(a).cmp(&order_key(b)).then_with(|| a.cmp(b)));
     let mut blobs: Vec<(String, GgmlType, Vec<u64>, Vec<u8>)> = Vec::new();
     for name in names {
         let t = m.get(&name).unwrap();

@@ -141,22 +141,30 @@ fn allnorm_student_exports_and_matches() {
     let src = dir.join("fp.gguf");
     write_random_model(&spec, &shared().join("fixtures/tokenizer/llama-cpp-vectors/ggml-vocab-llama-spm.gguf"), &src)
         .unwrap();
-    let mut m = TrainModel::from_gguf(Arc::new(GgufFile::open(&src).unwrap()), true).unwrap();
-    m.f16_qkv = true;
-    assert_eq!(m.add_sub_norms(SubLn::AllNorm).unwrap(), 2 * 5, "five input norms per block (the sub-norms exist)");
-    let mut i = 0;
-    for (name, var) in m.vars.data().lock().unwrap().iter() {
-        if name.contains("_in_norm") || name.contains("sub_norm") {
-            i += 1;
-            let n = var.elem_count();
+    let student = || {
+        let mut m = TrainModel::from_gguf(Arc::new(GgufFile::open(&src).unwrap()), true).unwrap();
+        m.f16_qkv = true;
+        assert_eq!(m.add_sub_norms(SubLn::AllNorm).unwrap(), 2 * 5, "five input norms per block");
+        // In name order: the var map is a HashMap, and weights that changed from run to run made the test flaky.
+        let vars = m.vars.data().lock().unwrap().clone();
+        let mut names: Vec<&String> =
+            vars.keys().filter(|n| n.contains("_in_norm") || n.contains("sub_norm")).collect();
+        names.sort();
+        for (i, name) in names.into_iter().enumerate() {
+            let n = vars[name].elem_count();
             let w: Vec<f32> = (0..n).map(|j| 1.0 + 0.5 * (((j * 7 + i * 13) % 11) as f32 / 10.0 - 0.5)).collect();
-            var.set(&Tensor::from_vec(w, n, &Device::Cpu).unwrap()).unwrap();
+            vars[name].set(&Tensor::from_vec(w, n, &Device::Cpu).unwrap()).unwrap();
         }
-    }
+        m
+    };
     let out = dir.join("student.gguf");
-    assert_engine_matches(&m, &out, "allnorm");
+    assert_engine_matches(&student(), &out, "allnorm");
     let g = GgufFile::open(&out).unwrap();
     assert!(g.tensor_info("blk.1.ffn_up_in_norm.weight").is_some());
+    // The same model built again (a new var map, so another hash order) exports to the same bytes.
+    let again = dir.join("student-again.gguf");
+    export_gguf(&student(), &again, GgmlType::F32).unwrap();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "export is not reproducible");
 }
 
 /// Task accuracy is the same number on both sides: the trainer's greedy evaluation (`ternlm-train eval`) and the
