@@ -207,8 +207,13 @@ unsafe fn isum_tq2_0_avx2(w: &[u8], a: &[u8]) -> i32 {
 /// Trit `n` of 32 TQ1_0 bytes: ((q·3ⁿ mod 256)·3) >> 8, byte-wise via 16-bit multiplies.
 #[inline(always)]
 unsafe fn tq1_trits(q: __m256i, pow3: i16) -> __m256i {
+    tq1_trits_by(q, _mm256_set1_epi16(pow3))
+}
+
+/// As [`tq1_trits`] with a power of 3 per 16-bit lane (both bytes of a lane share it).
+#[inline(always)]
+unsafe fn tq1_trits_by(q: __m256i, p: __m256i) -> __m256i {
     let lo_mask = _mm256_set1_epi16(0x00FF);
-    let p = _mm256_set1_epi16(pow3);
     let lo = _mm256_and_si256(_mm256_mullo_epi16(_mm256_and_si256(q, lo_mask), p), lo_mask);
     let hi = _mm256_andnot_si256(lo_mask, _mm256_mullo_epi16(_mm256_andnot_si256(lo_mask, q), p));
     let qn = _mm256_or_si256(lo, hi);
@@ -218,18 +223,42 @@ unsafe fn tq1_trits(q: __m256i, pow3: i16) -> __m256i {
     _mm256_or_si256(t_lo, t_hi)
 }
 
+/// The eight 32-trit vectors of a TQ1_0 block, in weight order (`scalar::tq1_0_trits`). Bytes 0..32 give five
+/// vectors (trit n → weights 32n..32n+32). Bytes 32..48 give 16 weights per trit, so trits n and n+1 side by side
+/// (one 128-bit lane each) are weights 160+16n..160+16n+32. The last vector is trit 4 of those 16 bytes next to the
+/// 16 weights of the 4 `qh` bytes (trit n of byte j → weight 240+4n+j): `qh` repeated four times, each copy
+/// multiplied by its own power of 3.
+#[inline(always)]
+unsafe fn tq1_0_trit_vecs(w: &[u8]) -> [__m256i; 8] {
+    let q = load(w);
+    let w16 = &w[32..48];
+    // SAFETY: `w16` is exactly 16 bytes; loadu has no alignment requirement.
+    let q16 = unsafe { _mm_loadu_si128(w16.as_ptr() as *const __m128i) };
+    let qq = _mm256_set_m128i(q16, q16);
+    let qh = _mm_set1_epi32(i32::from_le_bytes([w[48], w[49], w[50], w[51]]));
+    let pair = |lo: i16, hi: i16| _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+    [
+        tq1_trits(q, 1),
+        tq1_trits(q, 3),
+        tq1_trits(q, 9),
+        tq1_trits(q, 27),
+        tq1_trits(q, 81),
+        tq1_trits_by(qq, pair(1, 3)),
+        tq1_trits_by(qq, pair(9, 27)),
+        tq1_trits_by(
+            _mm256_set_m128i(qh, q16),
+            _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 1, 1, 3, 3, 9, 9, 27, 27),
+        ),
+    ]
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_tq1_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    const POW3: [i16; 5] = [1, 3, 9, 27, 81];
     let mut acc = _mm256_setzero_si256();
-    let q = load(w);
-    for (n, &p) in POW3.iter().enumerate() {
-        acc = _mm256_add_epi32(acc, mul_sum_us8(tq1_trits(q, p), load(&a[4 + 32 * n..])));
+    for (i, t) in tq1_0_trit_vecs(w).into_iter().enumerate() {
+        acc = _mm256_add_epi32(acc, mul_sum_us8(t, load(&a[4 + 32 * i..])));
     }
-    // The last 96 weights (16 bytes × 5 trits, 4 bytes × 4 trits) are decoded by the scalar rule.
-    let t = tq1_0_trits(w);
-    let tail: i32 = (160..256).map(|i| t[i] as i32 * (a[4 + i] as i8 as i32)).sum();
-    hsum_i32(acc) + tail - q8k_bsum_all(a)
+    hsum_i32(acc) - q8k_bsum_all(a)
 }
 
 /// Σ (t − 1)·q over one TQ block against 256 raw int8 activations (per-token semantics).
@@ -272,21 +301,9 @@ pub(crate) fn tq_per_token_row_dot(ty: GgmlType) -> crate::dot::RowDot {
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tq1(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
-        const POW3: [i16; 5] = [1, 3, 9, 27, 81];
         let mut acc = 0f32;
         for (b, wb) in w[..k / 256 * 54].chunks_exact(54).enumerate() {
-            let ab = &a[256 * b..];
-            let q = load(wb);
-            let (mut s, mut sq) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for (n, &p) in POW3.iter().enumerate() {
-                let y = load(&ab[32 * n..]);
-                s = _mm256_add_epi32(s, mul_sum_us8(tq1_trits(q, p), y));
-                sq = _mm256_add_epi32(sq, mul_sum_us8(_mm256_set1_epi8(1), y));
-            }
-            let t = tq1_0_trits(wb);
-            let tail: i32 = (160..256).map(|i| (t[i] as i32 - 1) * (ab[i] as i8 as i32)).sum();
-            let isum = hsum_i32(s) - hsum_i32(sq) + tail;
-            acc += h16(wb, 52) * isum as f32;
+            acc += h16(wb, 52) * tq_raw_block_isum(tq1_0_trit_vecs(wb), &a[256 * b..]) as f32;
         }
         acc / crate::f32_at(a, k)
     }
