@@ -322,6 +322,32 @@ pub(crate) fn tq_per_token_row_dot(ty: GgmlType) -> crate::dot::RowDot {
     }
 }
 
+/// Four-token twin of the TQ1_0 [`tq_per_token_row_dot`]: each block's trits are decoded once for four activation
+/// rows, and each token's sum runs in the single-token kernel's order, so the results are the same bits.
+pub(crate) fn tq1_0_per_token_row_dot4() -> crate::dot::RowDot4 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tq1(w: &[u8], a: [&[u8]; 4], k: usize) -> [f32; 4] {
+        let mut acc = [0f32; 4];
+        for (b, wb) in w[..k / 256 * 54].chunks_exact(54).enumerate() {
+            let t = tq1_0_trit_vecs(wb);
+            let d = h16(wb, 52);
+            for (acc, a) in acc.iter_mut().zip(a) {
+                *acc += d * tq_raw_block_isum(t, &a[256 * b..]) as f32;
+            }
+        }
+        let mut out = [0f32; 4];
+        for (o, (acc, a)) in out.iter_mut().zip(acc.into_iter().zip(a)) {
+            *o = acc / crate::f32_at(a, k);
+        }
+        out
+    }
+    fn f1(w: &[u8], a: [&[u8]; 4], k: usize, _s: f32) -> [f32; 4] {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { tq1(w, a, k) }
+    }
+    f1
+}
+
 /// Σ c·q over one I2_S block of 128 weights. Codes are 0..2 (3 is mapped to 1); four maddubs results summed in
 /// int16 stay within 4·2·2·127 = 2032, then widen to int32 — exact, unlike an int16 accumulation across blocks.
 #[target_feature(enable = "avx2,fma,f16c")]

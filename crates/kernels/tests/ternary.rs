@@ -174,6 +174,45 @@ fn tq_per_token_kernels() {
     }
 }
 
+/// Per-token TQ matmuls over batches (for TQ1_0 the AVX2 four-token kernel for each group of four, then the
+/// single-token one): every output equals the scalar reference's bits.
+#[test]
+fn tq_per_token_batched_matmul_equals_scalar() {
+    use ternlm_kernels::quant::{quantize_tq1_0, quantize_tq2_0};
+    if Backend::detect() == Backend::Scalar {
+        eprintln!("LOUD SKIP: no AVX2 on this CPU; per-token TQ batches not compared");
+        return;
+    }
+    let (rows, k) = (12usize, 768usize);
+    let mut seed = 0x9E3779B97F4A7C15u64;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let w: Vec<f32> = (0..rows * k).map(|i| ((rnd() % 3) as f32 - 1.0) * (1.0 + (i / 256 % 5) as f32 / 4.0)).collect();
+    let pool = ThreadPool::new(2);
+    for (ty, bytes) in [(GgmlType::TQ2_0, quantize_tq2_0(&w)), (GgmlType::TQ1_0, quantize_tq1_0(&w))] {
+        for n_tok in [4usize, 9] {
+            let x: Vec<f32> = (0..n_tok * k).map(|_| (rnd() % 4001) as f32 / 1000.0 - 2.0).collect();
+            let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
+            let mut outs = Vec::new();
+            for backend in [Backend::Scalar, Backend::Avx2] {
+                let mut m = QMatrix::with_backend(ty, WeightBytes::owned(bytes.clone()), rows, k, backend).unwrap();
+                m.use_per_token_acts();
+                assert_eq!(m.act_type(), ActType::I8PerToken);
+                let mut out = vec![0f32; n_tok * rows];
+                m.matmul(&q, &mut out, &pool);
+                outs.push(out);
+            }
+            for (i, (a, b)) in outs[1].iter().zip(&outs[0]).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{ty} n_tok={n_tok} out {i}: AVX2 {a} vs scalar {b}");
+            }
+        }
+    }
+}
+
 /// I2_S matrices whose rows are not whole 128-weight blocks (SmolLM2's 576, here 192 and 320): bitnet.cpp's
 /// blocks run over the flattened tensor, so the kernels repack rows at load. Every backend must equal the exact
 /// integer formula on the original codes, and dequantized rows must be the original weights.
