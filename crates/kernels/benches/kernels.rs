@@ -5,7 +5,9 @@
 //!
 //! Decode cycles through enough copies of the matrix to exceed the last-level cache, so it measures what a real
 //! model's token sees (weights from DRAM). `cargo bench -p ternlm-kernels -- i2_s` runs the cases whose name contains
-//! `i2_s`; `TERNLM_BENCH_REPS` sets the repetitions (default 15), `TERNLM_BENCH_THREADS` the pool size (default 2).
+//! `i2_s`; `TERNLM_BENCH_REPS` sets the repetitions (default 15), `TERNLM_BENCH_THREADS` the pool size (default 2),
+//! `TERNLM_BENCH_STREAM_MB` the bytes decode cycles through (default 256; `1` keeps one copy in cache, which gives
+//! the kernel's compute ceiling).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,7 +75,11 @@ fn main() {
     println!("{:<28} {:>12} {:>22} {:>10}", "case", "median", "spread", "rate");
     for ty in [GgmlType::I2_S, GgmlType::TQ2_0, GgmlType::TQ1_0, GgmlType::Q8_0, GgmlType::F16] {
         let bytes = Arc::new(encode(ty, &w));
-        let copies = STREAM_BYTES.div_ceil(bytes.len()).max(1);
+        let stream = std::env::var("TERNLM_BENCH_STREAM_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(STREAM_BYTES, |m| m << 20);
+        let copies = stream.div_ceil(bytes.len()).max(1);
         for &backend in &backends {
             let mats: Vec<QMatrix> = (0..copies)
                 .map(|_| {

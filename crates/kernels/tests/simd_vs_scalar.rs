@@ -201,3 +201,36 @@ fn activation_side_sums_are_consistent() {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert_eq!(ternlm_kernels::f32_at(r, 512), 127.0 / amax);
 }
+
+/// F16 weights dotted with f32 activations (the BitNet output head): the AVX2 kernel (four accumulators, a tail of
+/// 8-wide steps, then scalar) equals the scalar reference to rounding on every tail length.
+#[test]
+fn f16_with_f32_activations_equals_scalar() {
+    if Backend::detect() == Backend::Scalar {
+        eprintln!("LOUD SKIP: no AVX2 on this CPU; F16 x f32 kernel not compared");
+        return;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let pool = ThreadPool::new(2);
+    for (k, rows) in [(1, 3), (7, 2), (8, 5), (31, 3), (32, 4), (40, 9), (100, 3), (2560, 33)] {
+        let w: Vec<u8> =
+            (0..rows * k).flat_map(|_| half::f16::from_f32(rng.gen_range(-2.0f32..2.0)).to_le_bytes()).collect();
+        let x: Vec<f32> = (0..k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        let wb = ternlm_kernels::matmul::WeightBytes::owned(w);
+        let mut simd = QMatrix::with_backend(GgmlType::F16, wb.clone(), rows, k, Backend::Avx2).unwrap();
+        let mut refm = QMatrix::with_backend(GgmlType::F16, wb, rows, k, Backend::Scalar).unwrap();
+        simd.use_f32_activations();
+        refm.use_f32_activations();
+        let (mut o1, mut o2) = (vec![0f32; rows], vec![0f32; rows]);
+        simd.matmul_f32(&x, &mut o1, &pool);
+        refm.matmul_f32(&x, &mut o2, &pool);
+        let mut row = vec![0f32; k];
+        for r in 0..rows {
+            refm.dequantize_row(r, &mut row);
+            let mag: f32 = row.iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            let exact: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((o1[r] - o2[r]).abs() <= 1e-5 * (1.0 + mag), "k={k} row {r}: {} vs {}", o1[r], o2[r]);
+            assert!((o1[r] as f64 - exact).abs() <= 1e-5 * (1.0 + mag as f64), "k={k} row {r}: {} vs {exact}", o1[r]);
+        }
+    }
+}
