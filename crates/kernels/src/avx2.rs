@@ -404,64 +404,95 @@ pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
     unsafe fn one(w: &[u8], a: &[u8], k: usize, scale: f32) -> f32 {
         assert!(k.is_multiple_of(128) && w.len() >= k / 4 && a.len() >= k + 8, "I2_S row or activation too short");
         let ones = _mm256_set1_epi16(1);
-        let m2 = _mm256_set1_epi8(3);
         let (wp, ap) = (w.as_ptr(), a.as_ptr());
         let n_blocks = k / 128;
         // SAFETY (every load below): block i reads w[32i..32i+32] and a[128i..128i+128], i < n_blocks, within
         // the lengths asserted above. The prefetch address may lie past the end; prefetches never fault.
-        let block = |i: usize| -> __m256i {
+        // Codes are read with one shift: `q & 3` and `(q >> 4) & 3` are planes 3 and 1, while `q & 12` and
+        // `(q >> 4) & 12` are 4 × planes 2 and 0. Those two maddubs products are 4× too large and are summed apart
+        // (each lane of them is a multiple of 4), then divided by 4 exactly when widened.
+        let m3 = _mm256_set1_epi8(3);
+        let m12 = _mm256_set1_epi8(12);
+        let block = |i: usize| -> (__m256i, __m256i) {
             let q = unsafe { _mm256_loadu_si256(wp.add(32 * i) as *const __m256i) };
+            let t = _mm256_srli_epi16::<4>(q);
             let ab = unsafe { ap.add(128 * i) };
             let ld = |o: usize| unsafe { _mm256_loadu_si256(ab.add(o) as *const __m256i) };
-            let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(q), m2);
-            let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m2);
-            let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(q), m2);
-            let c3 = _mm256_and_si256(q, m2);
-            let s01 = _mm256_add_epi16(_mm256_maddubs_epi16(c0, ld(0)), _mm256_maddubs_epi16(c1, ld(32)));
-            let s23 = _mm256_add_epi16(_mm256_maddubs_epi16(c2, ld(64)), _mm256_maddubs_epi16(c3, ld(96)));
-            _mm256_add_epi16(s01, s23)
+            let x1 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(_mm256_and_si256(t, m3), ld(32)),
+                _mm256_maddubs_epi16(_mm256_and_si256(q, m3), ld(96)),
+            );
+            let x4 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(_mm256_and_si256(t, m12), ld(0)),
+                _mm256_maddubs_epi16(_mm256_and_si256(q, m12), ld(64)),
+            );
+            (x1, x4)
         };
-        let mut acc = _mm256_setzero_si256();
+        let (mut acc1, mut acc4) = (_mm256_setzero_si256(), _mm256_setzero_si256());
         let mut i = 0;
         while i < n_blocks {
-            // Up to 8 blocks in int16: 32 maddubs results of at most 512 each, so |sum| <= 16384.
-            let end = (i + 8).min(n_blocks);
-            let (mut p0, mut p1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            while i + 2 <= end {
+            // Up to 7 blocks in int16: |p4| <= 7·2·2·(8·128) = 28672 even for an activation of -128, so exact.
+            let end = (i + 7).min(n_blocks);
+            let (mut p1, mut p4) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            while i < end {
                 _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(32 * i + PREFETCH_BYTES) as *const i8);
-                p0 = _mm256_add_epi16(p0, block(i));
-                p1 = _mm256_add_epi16(p1, block(i + 1));
-                i += 2;
-            }
-            if i < end {
-                p0 = _mm256_add_epi16(p0, block(i));
+                let (x1, x4) = block(i);
+                p1 = _mm256_add_epi16(p1, x1);
+                p4 = _mm256_add_epi16(p4, x4);
                 i += 1;
             }
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones));
+            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(p1, ones));
+            acc4 = _mm256_add_epi32(acc4, _mm256_madd_epi16(p4, ones));
         }
+        let acc = _mm256_add_epi32(acc1, _mm256_srai_epi32::<2>(acc4));
         epi_i2s(a, k, hsum_i32(acc), scale)
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn four(w: &[u8], a: [&[u8]; 4], k: usize, scale: f32) -> [f32; 4] {
+        assert!(
+            k.is_multiple_of(128) && w.len() >= k / 4 && a.iter().all(|a| a.len() >= k + 8),
+            "I2_S row or activation too short"
+        );
         let ones = _mm256_set1_epi16(1);
+        let wp = w.as_ptr();
+        let ap = a.map(|a| a.as_ptr());
+        let n_blocks = k / 128;
         let mut acc = [_mm256_setzero_si256(); 4];
-        for (gi, group) in w[..k / 4].chunks(32 * 8).enumerate() {
+        let mut i = 0;
+        while i < n_blocks {
+            // Up to 8 blocks in int16 per token (32 maddubs results of at most 2·2·128 = 512): exact.
+            let end = (i + 8).min(n_blocks);
             let mut p = [_mm256_setzero_si256(); 4];
-            for (jb, b) in group.chunks_exact(32).enumerate() {
-                let c = i2s_codes_avx2::<false>(b);
-                let i = 8 * gi + jb;
+            while i < end {
+                // SAFETY: block i reads w[32i..32i+32] and a[j][128i..128i+128], i < n_blocks, within the lengths
+                // asserted above.
+                let c = i2s_codes_avx2::<false>(unsafe { std::slice::from_raw_parts(wp.add(32 * i), 32) });
                 for (j, p) in p.iter_mut().enumerate() {
-                    let aj = &a[j][128 * i..];
+                    let aj = unsafe { ap[j].add(128 * i) };
                     for (g, c) in c.iter().enumerate() {
-                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(*c, load(&aj[32 * g..])));
+                        let av = unsafe { _mm256_loadu_si256(aj.add(32 * g) as *const __m256i) };
+                        *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(*c, av));
                     }
                 }
+                i += 1;
             }
             for (acc, p) in acc.iter_mut().zip(p) {
                 *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
             }
         }
-        std::array::from_fn(|j| epi_i2s(a[j], k, hsum_i32(acc[j]), scale))
+        // The epilogue of `epi_i2s` for four tokens at once, in the same IEEE operations: (Σcq − Σq) / s · w_scale.
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+        let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        // SAFETY: each activation row holds k values, then its f32 scale and i32 sum (length asserted above).
+        let tail = |j: usize| unsafe { std::ptr::read_unaligned(ap[j].add(k) as *const [i32; 2]) };
+        let (t0, t1, t2, t3) = (tail(0), tail(1), tail(2), tail(3));
+        let sum_q = _mm_setr_epi32(t0[1], t1[1], t2[1], t3[1]);
+        let s = _mm_castsi128_ps(_mm_setr_epi32(t0[0], t1[0], t2[0], t3[0]));
+        let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_cq, sum_q)), s), _mm_set1_ps(scale));
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four f32.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
+        out
     }
     fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.

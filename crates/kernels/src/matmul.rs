@@ -139,66 +139,102 @@ impl QMatrix {
 
     /// `out[t * rows + r] = W[r] · x[t]` for every activation row t. `x` must be in [`QMatrix::act_type`].
     pub fn matmul(&self, x: &QuantizedActs, out: &mut [f32], pool: &ThreadPool) {
-        assert_eq!(x.ty, self.act_type(), "activations quantized for the wrong weight type");
-        assert_eq!(x.k, self.cols, "activation length does not match the matrix");
-        assert_eq!(out.len(), x.n_rows * self.rows, "output buffer size");
-        let padded;
-        let x = if self.kcols != self.cols {
-            // Per-token int8 rows are [k values][scale f32][sum i32]: zeros appended to the values change
-            // neither the dot product nor the sum.
-            let (k, kp) = (self.cols, self.kcols);
-            let mut data = vec![0u8; x.n_rows * (kp + 8)];
-            for t in 0..x.n_rows {
-                let (src, dst) = (x.row(t), &mut data[t * (kp + 8)..(t + 1) * (kp + 8)]);
-                dst[..k].copy_from_slice(&src[..k]);
-                dst[kp..].copy_from_slice(&src[k..k + 8]);
+        QMatrix::matmul_group(&mut [(self, out)], x, pool);
+    }
+
+    /// Several matrices times the same activations (Q/K/V, gate/up) as one pool job: one synchronisation
+    /// instead of one per matrix, and in decode each thread streams long runs across the matrices. Results equal
+    /// separate [`QMatrix::matmul`] calls bit for bit (each output is the same row dot).
+    pub fn matmul_group(parts: &mut [(&QMatrix, &mut [f32])], x: &QuantizedActs, pool: &ThreadPool) {
+        for (m, out) in parts.iter() {
+            assert_eq!(x.ty, m.act_type(), "activations quantized for the wrong weight type");
+            assert_eq!(x.k, m.cols, "activation length does not match the matrix");
+            assert_eq!(out.len(), x.n_rows * m.rows, "output buffer size");
+        }
+        if parts.iter().any(|(m, _)| m.kcols != m.cols) {
+            // Padded (ragged I2_S) rows need their own activation copy: one job per matrix.
+            for (m, out) in parts.iter_mut() {
+                m.matmul_padded(x, out, pool);
             }
-            padded = QuantizedActs { ty: x.ty, k: kp, n_rows: x.n_rows, data };
-            &padded
-        } else {
-            x
-        };
+            return;
+        }
         let n_tok = x.n_rows;
-        // Tasks are groups of rows; each task keeps its weight rows hot while it walks every token.
+        let total_rows: usize = parts.iter().map(|(m, _)| m.rows).sum();
+        if total_rows == 0 || n_tok == 0 {
+            return;
+        }
         // Decode streams the weights from DRAM: each thread takes a few long runs of consecutive rows, so the
         // hardware prefetchers see long streams (16-row tasks interleaved between threads read at 16 GB/s where
         // contiguous quarters read at 24 on this 2-core EPYC). A few tasks per thread still balance a late one.
-        let rows_per_task = if n_tok == 1 { self.rows.div_ceil(4 * pool.n_threads()).next_multiple_of(16) } else { 8 }
-            .min(self.rows)
-            .max(1);
-        let n_tasks = self.rows.div_ceil(rows_per_task);
-        let dst = Disjoint::new(out);
-        let dot = self.kernels.dot;
-        let w_all = self.data.as_slice();
-        let rb = self.row_bytes;
-        let dot4 = self.kernels.dot4;
+        // Prompts use small tasks that keep their weight rows hot while walking every token.
+        let rows_per_task = if n_tok == 1 { total_rows.div_ceil(4 * pool.n_threads()).next_multiple_of(16) } else { 8 };
+        // Task t covers global rows [t*rpt, (t+1)*rpt), which may span the end of one matrix and the start of the
+        // next; `starts[i]` is matrix i's first global row.
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut acc = 0;
+        for (m, _) in parts.iter() {
+            starts.push(acc);
+            acc += m.rows;
+        }
+        let dsts: Vec<(&QMatrix, Disjoint<f32>)> = parts.iter_mut().map(|(m, out)| (*m, Disjoint::new(out))).collect();
+        let n_tasks = total_rows.div_ceil(rows_per_task);
         let task = |t: usize| {
-            let r0 = t * rows_per_task;
-            let r1 = (r0 + rows_per_task).min(self.rows);
-            let mut tok = 0;
-            if let Some(dot4) = dot4 {
-                while tok + 4 <= n_tok {
-                    let a = [x.row(tok), x.row(tok + 1), x.row(tok + 2), x.row(tok + 3)];
-                    for r in r0..r1 {
-                        let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
-                        for (j, v) in v.into_iter().enumerate() {
-                            // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
-                            unsafe { dst.write((tok + j) * self.rows + r, v) };
-                        }
-                    }
-                    tok += 4;
-                }
-            }
-            for tok in tok..n_tok {
-                let a = x.row(tok);
-                for r in r0..r1 {
-                    let v = dot(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
-                    // SAFETY: index < n_tok * rows == out.len(); rows r0..r1 belong to this task only.
-                    unsafe { dst.write(tok * self.rows + r, v) };
+            let (g0, g1) = (t * rows_per_task, ((t + 1) * rows_per_task).min(total_rows));
+            for ((m, dst), &s) in dsts.iter().zip(&starts) {
+                let (r0, r1) = (g0.max(s) - s, g1.min(s + m.rows).saturating_sub(s));
+                if r0 < r1 {
+                    m.rows_times(x, dst, r0, r1);
                 }
             }
         };
         pool.run(n_tasks, &task);
+    }
+
+    /// Rows `r0..r1` of `W · x[t]` for every token, written into `dst` (laid out `[t * rows + r]`).
+    fn rows_times(&self, x: &QuantizedActs, dst: &Disjoint<f32>, r0: usize, r1: usize) {
+        let (w_all, rb, n_tok) = (self.data.as_slice(), self.row_bytes, x.n_rows);
+        let mut tok = 0;
+        if let Some(dot4) = self.kernels.dot4 {
+            while tok + 4 <= n_tok {
+                let a = [x.row(tok), x.row(tok + 1), x.row(tok + 2), x.row(tok + 3)];
+                for r in r0..r1 {
+                    let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
+                    for (j, v) in v.into_iter().enumerate() {
+                        // SAFETY: index < n_tok * rows == the output's length (checked by the caller); rows
+                        // r0..r1 of this matrix belong to the calling task only.
+                        unsafe { dst.write((tok + j) * self.rows + r, v) };
+                    }
+                }
+                tok += 4;
+            }
+        }
+        for tok in tok..n_tok {
+            let a = x.row(tok);
+            for r in r0..r1 {
+                let v = (self.kernels.dot)(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
+                // SAFETY: as above.
+                unsafe { dst.write(tok * self.rows + r, v) };
+            }
+        }
+    }
+
+    /// A matrix whose rows were padded to whole I2_S blocks: pads the activations the same way, then multiplies.
+    fn matmul_padded(&self, x: &QuantizedActs, out: &mut [f32], pool: &ThreadPool) {
+        // Per-token int8 rows are [k values][scale f32][sum i32]: zeros appended to the values change neither the
+        // dot product nor the sum.
+        let (k, kp) = (self.cols, self.kcols);
+        let mut data = vec![0u8; x.n_rows * (kp + 8)];
+        for t in 0..x.n_rows {
+            let (src, dst) = (x.row(t), &mut data[t * (kp + 8)..(t + 1) * (kp + 8)]);
+            dst[..k].copy_from_slice(&src[..k]);
+            dst[kp..].copy_from_slice(&src[k..k + 8]);
+        }
+        let padded = QuantizedActs { ty: x.ty, k: kp, n_rows: x.n_rows, data };
+        let dst = Disjoint::new(out);
+        let rows_per_task = if x.n_rows == 1 { 16 } else { 8 };
+        pool.run(self.rows.div_ceil(rows_per_task), &|t| {
+            self.rows_times(&padded, &dst, t * rows_per_task, ((t + 1) * rows_per_task).min(self.rows))
+        });
     }
 
     /// Quantizes `x` (rows of `cols`) for this matrix and multiplies.

@@ -61,6 +61,34 @@ impl Linear {
     }
 }
 
+/// Linear layers that read the same input (Q/K/V, gate/up): one grouped matmul when they share an activation
+/// format and none normalises its own input, else one after another. Results are the same either way.
+fn forward_group(lins: &[&Linear], x: &[f32], outs: &mut [&mut [f32]], pool: &ThreadPool) {
+    let act = lins[0].w.act_type();
+    let groupable = lins.iter().all(|l| l.in_norm.is_none() && l.w.act_type() == act && l.w.cols == lins[0].w.cols);
+    if !groupable {
+        let mut q = None;
+        for (l, out) in lins.iter().zip(outs.iter_mut()) {
+            l.forward(x, &mut q, out, pool);
+        }
+        return;
+    }
+    let q = quantize_parallel(act, x, lins[0].w.cols, pool);
+    let mut parts: Vec<(&QMatrix, &mut [f32])> =
+        lins.iter().zip(outs.iter_mut()).map(|(l, o)| (&l.w, &mut **o)).collect();
+    QMatrix::matmul_group(&mut parts, &q, pool);
+    for (l, out) in lins.iter().zip(outs.iter_mut()) {
+        if let Some(s) = l.scale {
+            out.iter_mut().for_each(|o| *o *= s);
+        }
+        if let Some(b) = &l.bias {
+            for row in out.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+}
+
 fn quantize_parallel(act: ActType, x: &[f32], k: usize, pool: &ThreadPool) -> QuantizedActs {
     let n = x.len() / k;
     if n < 8 {
@@ -331,10 +359,7 @@ impl Model {
             for t in 0..n {
                 ops::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
             }
-            let mut hq = None;
-            layer.wq.forward(&h, &mut hq, &mut q, pool);
-            layer.wk.forward(&h, &mut hq, &mut k, pool);
-            layer.wv.forward(&h, &mut hq, &mut v, pool);
+            forward_group(&[&layer.wq, &layer.wk, &layer.wv], &h, &mut [&mut q, &mut k, &mut v], pool);
             for t in 0..n {
                 for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
                     if let Some(w) = &layer.q_norm {
@@ -363,9 +388,7 @@ impl Model {
             for t in 0..n {
                 ops::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
             }
-            let mut hq = None;
-            layer.w_gate.forward(&h, &mut hq, &mut g, pool);
-            layer.w_up.forward(&h, &mut hq, &mut u, pool);
+            forward_group(&[&layer.w_gate, &layer.w_up], &h, &mut [&mut g, &mut u], pool);
             match cfg.ffn_act {
                 FfnActivation::SiluGated => g.iter_mut().zip(&u).for_each(|(a, b)| *a = ops::silu(*a) * b),
                 FfnActivation::ReluSqrGated => g.iter_mut().zip(&u).for_each(|(a, b)| {
