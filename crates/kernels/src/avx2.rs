@@ -239,19 +239,23 @@ unsafe fn isum_q6_k_avx2(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(acc) - 32 * offset
 }
 
-/// Ternary codes (0..2) times activations, summed; maddubs pairs ≤ 2·2·127.
+/// Σ (t − 1)·q over one ternary block (trits 0..2 as eight 32-byte vectors) against a Q8_K activation block, as
+/// i32 lanes. The eight maddubs results add up in int16 (each lane at most 2·2·127, so 8·508 = 4064), the block's
+/// sixteen int16 partial sums of q are subtracted lane-wise (their total is Σq, each at most 16·127), then one
+/// widening: exact, and one reduction per block instead of one per vector.
+#[inline(always)]
+unsafe fn tq_q8k_block(trits: [__m256i; 8], a: &[u8]) -> __m256i {
+    let a = &a[..292];
+    let mut p = _mm256_setzero_si256();
+    for (i, t) in trits.into_iter().enumerate() {
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(t, load(&a[4 + 32 * i..])));
+    }
+    _mm256_madd_epi16(_mm256_sub_epi16(p, load(&a[260..])), _mm256_set1_epi16(1))
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_tq2_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    let m2 = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_si256();
-    for j in 0..2 {
-        let q = load(&w[32 * j..]);
-        for l in 0..4 {
-            let t = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * l as i32)), m2);
-            acc = _mm256_add_epi32(acc, mul_sum_us8(t, load(&a[4 + 128 * j + 32 * l..])));
-        }
-    }
-    hsum_i32(acc) - q8k_bsum_all(a)
+    hsum_i32(tq_q8k_block(tq2_0_trit_vecs(w), a))
 }
 
 /// Trit `n` of 32 TQ1_0 bytes: ((q·3ⁿ mod 256)·3) >> 8, byte-wise via 16-bit multiplies.
@@ -304,38 +308,40 @@ unsafe fn tq1_0_trit_vecs(w: &[u8]) -> [__m256i; 8] {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_tq1_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    let mut acc = _mm256_setzero_si256();
-    for (i, t) in tq1_0_trit_vecs(w).into_iter().enumerate() {
-        acc = _mm256_add_epi32(acc, mul_sum_us8(t, load(&a[4 + 32 * i..])));
-    }
-    hsum_i32(acc) - q8k_bsum_all(a)
+    hsum_i32(tq_q8k_block(tq1_0_trit_vecs(w), a))
 }
 
-/// Σ (t − 1)·q over one TQ block against 256 raw int8 activations (per-token semantics).
+/// Σ (t − 1)·q over one TQ block against 256 raw int8 activations (per-token semantics). Both Σ t·q and Σ q add up
+/// in int16 (at most 8·2·2·127 = 4064 and 8·2·127 = 2032 per lane), are subtracted there, and widen once: exact.
 #[inline(always)]
 unsafe fn tq_raw_block_isum(trit_vecs: [__m256i; 8], a: &[u8]) -> i32 {
+    let a = &a[..256];
     let ones = _mm256_set1_epi8(1);
-    let (mut acc, mut sq) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let (mut p, mut sq) = (_mm256_setzero_si256(), _mm256_setzero_si256());
     for (i, t) in trit_vecs.into_iter().enumerate() {
         let y = load(&a[32 * i..]);
-        acc = _mm256_add_epi32(acc, mul_sum_us8(t, y));
-        sq = _mm256_add_epi32(sq, mul_sum_us8(ones, y));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(t, y));
+        sq = _mm256_add_epi16(sq, _mm256_maddubs_epi16(ones, y));
     }
-    hsum_i32(acc) - hsum_i32(sq)
+    hsum_i32(_mm256_madd_epi16(_mm256_sub_epi16(p, sq), _mm256_set1_epi16(1)))
 }
 
-/// The eight 32-trit vectors of a TQ2_0 block, in weight order.
+/// The eight 32-trit vectors of a TQ2_0 block, in weight order (byte j of half h holds weights 128h + j + 32l at
+/// bits 2l).
 #[inline(always)]
 unsafe fn tq2_0_trit_vecs(w: &[u8]) -> [__m256i; 8] {
     let m2 = _mm256_set1_epi8(3);
-    let mut v = [_mm256_setzero_si256(); 8];
-    for j in 0..2 {
-        let q = load(&w[32 * j..]);
-        for l in 0..4 {
-            v[4 * j + l] = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * l as i32)), m2);
-        }
-    }
-    v
+    let (q0, q1) = (load(w), load(&w[32..]));
+    [
+        _mm256_and_si256(q0, m2),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(q0), m2),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(q0), m2),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(q0), m2),
+        _mm256_and_si256(q1, m2),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(q1), m2),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(q1), m2),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(q1), m2),
+    ]
 }
 
 /// TQ1_0 / TQ2_0 × per-token int8 activations (see `scalar::dot_row_tq_per_token`). Callers must have checked
