@@ -258,13 +258,8 @@ unsafe fn isum_tq2_0_avx2(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(tq_q8k_block(tq2_0_trit_vecs(w), a))
 }
 
-/// Trit `n` of 32 TQ1_0 bytes: ((q·3ⁿ mod 256)·3) >> 8, byte-wise via 16-bit multiplies.
-#[inline(always)]
-unsafe fn tq1_trits(q: __m256i, pow3: i16) -> __m256i {
-    tq1_trits_by(q, _mm256_set1_epi16(pow3))
-}
-
-/// As [`tq1_trits`] with a power of 3 per 16-bit lane (both bytes of a lane share it).
+/// Trits of 32 TQ1_0 bytes with a power of 3 per 16-bit lane (both bytes of a lane share it):
+/// ((q·3ⁿ mod 256)·3) >> 8, byte-wise via 16-bit multiplies.
 #[inline(always)]
 unsafe fn tq1_trits_by(q: __m256i, p: __m256i) -> __m256i {
     let lo_mask = _mm256_set1_epi16(0x00FF);
@@ -277,28 +272,52 @@ unsafe fn tq1_trits_by(q: __m256i, p: __m256i) -> __m256i {
     _mm256_or_si256(t_lo, t_hi)
 }
 
+/// Trits of bytes that already hold `q·3ⁿ mod 256`: ⌊3x/256⌋ is 1 from x = 86 and 2 from x = 171, so two unsigned
+/// comparisons (signed ones on x ^ 0x80) give it without a multiply.
+#[inline(always)]
+unsafe fn tq1_trits_of_scaled(x: __m256i) -> __m256i {
+    let xs = _mm256_xor_si256(x, _mm256_set1_epi8(i8::MIN));
+    let ge86 = _mm256_cmpgt_epi8(xs, _mm256_set1_epi8((85u8 ^ 0x80) as i8));
+    let ge171 = _mm256_cmpgt_epi8(xs, _mm256_set1_epi8((170u8 ^ 0x80) as i8));
+    // Masks are -1 where true: 0 − m86 − m171 counts the thresholds passed.
+    _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), ge86), ge171)
+}
+
+/// `x·3 mod 256` per byte, with adds.
+#[inline(always)]
+unsafe fn times3_bytes(x: __m256i) -> __m256i {
+    _mm256_add_epi8(x, _mm256_add_epi8(x, x))
+}
+
 /// The eight 32-trit vectors of a TQ1_0 block, in weight order (`scalar::tq1_0_trits`). Bytes 0..32 give five
 /// vectors (trit n → weights 32n..32n+32). Bytes 32..48 give 16 weights per trit, so trits n and n+1 side by side
 /// (one 128-bit lane each) are weights 160+16n..160+16n+32. The last vector is trit 4 of those 16 bytes next to the
 /// 16 weights of the 4 `qh` bytes (trit n of byte j → weight 240+4n+j): `qh` repeated four times, each copy
-/// multiplied by its own power of 3.
+/// multiplied by its own power of 3. Trit n of byte q is ⌊3·(q·3ⁿ mod 256) / 256⌋; the scaled bytes come from
+/// byte-wise adds (×3 per step) and the trits from comparisons, except in the last vector, whose lanes need
+/// different powers (16-bit multiplies there).
 #[inline(always)]
 unsafe fn tq1_0_trit_vecs(w: &[u8]) -> [__m256i; 8] {
     let q = load(w);
     let w16 = &w[32..48];
     // SAFETY: `w16` is exactly 16 bytes; loadu has no alignment requirement.
     let q16 = unsafe { _mm_loadu_si128(w16.as_ptr() as *const __m128i) };
-    let qq = _mm256_set_m128i(q16, q16);
+    let x1 = times3_bytes(q);
+    let x2 = times3_bytes(x1);
+    let x3 = times3_bytes(x2);
+    let x4 = times3_bytes(x3);
+    let q16x3 = _mm_add_epi8(q16, _mm_add_epi8(q16, q16));
+    let y01 = _mm256_set_m128i(q16x3, q16);
+    let y23 = times3_bytes(times3_bytes(y01));
     let qh = _mm_set1_epi32(i32::from_le_bytes([w[48], w[49], w[50], w[51]]));
-    let pair = |lo: i16, hi: i16| _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
     [
-        tq1_trits(q, 1),
-        tq1_trits(q, 3),
-        tq1_trits(q, 9),
-        tq1_trits(q, 27),
-        tq1_trits(q, 81),
-        tq1_trits_by(qq, pair(1, 3)),
-        tq1_trits_by(qq, pair(9, 27)),
+        tq1_trits_of_scaled(q),
+        tq1_trits_of_scaled(x1),
+        tq1_trits_of_scaled(x2),
+        tq1_trits_of_scaled(x3),
+        tq1_trits_of_scaled(x4),
+        tq1_trits_of_scaled(y01),
+        tq1_trits_of_scaled(y23),
         tq1_trits_by(
             _mm256_set_m128i(qh, q16),
             _mm256_setr_epi16(81, 81, 81, 81, 81, 81, 81, 81, 1, 1, 3, 3, 9, 9, 27, 27),
