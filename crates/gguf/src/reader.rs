@@ -57,6 +57,23 @@ impl Storage {
     }
 }
 
+/// Drops the resident pages of `bytes` (a slice of `map`) from this process; later reads fault them back in.
+fn release_mapped_pages(map: &memmap2::Mmap, bytes: &[u8]) {
+    let (base, start) = (map.as_ptr() as usize, bytes.as_ptr() as usize);
+    if start < base || start + bytes.len() > base + map.len() {
+        return;
+    }
+    // Whole pages inside the slice only: a page shared with a neighbouring tensor stays.
+    const PAGE: usize = 4096;
+    let (off, end) = ((start - base).next_multiple_of(PAGE), (start - base + bytes.len()) / PAGE * PAGE);
+    if end > off {
+        // SAFETY: the mapping is a shared, read-only mapping of a file that this process never writes. MADV_DONTNEED
+        // on such a mapping only unmaps clean page-cache pages; the next access faults the same file bytes back in,
+        // so every live borrow keeps reading identical contents. Failure only means the pages stay resident.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, end - off) };
+    }
+}
+
 pub struct GgufFile {
     path: PathBuf,
     storage: Storage,
@@ -406,6 +423,15 @@ impl GgufFile {
         }
 
         Ok(GgufFile { path, storage, version, alignment, data_offset, metadata, meta_index, tensors, tensor_index })
+    }
+
+    /// Tells the OS that this process no longer needs `bytes` (a slice of this file's data, e.g. a tensor that was
+    /// re-quantized into an owned copy): its whole pages leave the resident set and are read from the file again
+    /// if touched. No effect for files held in memory, or for slices that are not part of this file.
+    pub fn release_pages(&self, bytes: &[u8]) {
+        if let Storage::Mmap(m) = &self.storage {
+            release_mapped_pages(m, bytes);
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -9,12 +9,23 @@ use std::thread::JoinHandle;
 
 type Job = *const (dyn Fn(usize) + Sync);
 
+/// A task cursor on its own cache line, so two threads claiming from their own ranges never share one.
+#[repr(align(128))]
+struct Cursor(AtomicUsize);
+
+/// First task of participant `p`'s range when `n` tasks are split over `t` participants.
+fn range_start(p: usize, n: usize, t: usize) -> usize {
+    p * n / t
+}
+
 struct Shared {
     /// Bumped for each job; workers run a job once per epoch.
     epoch: AtomicUsize,
     job: UnsafeCell<Option<Job>>,
     n_tasks: AtomicUsize,
-    next_task: AtomicUsize,
+    /// Participant p (0 = the calling thread, then the workers) owns tasks [p·n/T, (p+1)·n/T) and claims them in
+    /// order from `cursors[p]`; when its range is empty it helps the others through their cursors.
+    cursors: Vec<Cursor>,
     /// Workers still inside the current job.
     busy: AtomicUsize,
     shutdown: AtomicBool,
@@ -45,7 +56,7 @@ impl ThreadPool {
             epoch: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             n_tasks: AtomicUsize::new(0),
-            next_task: AtomicUsize::new(0),
+            cursors: (0..n_threads.max(1)).map(|_| Cursor(AtomicUsize::new(0))).collect(),
             busy: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -56,7 +67,7 @@ impl ThreadPool {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("ternlm-worker-{i}"))
-                    .spawn(move || worker(&s))
+                    .spawn(move || worker(&s, i))
                     .expect("spawn worker")
             })
             .collect();
@@ -84,14 +95,17 @@ impl ThreadPool {
         // SAFETY: no worker is inside a job (busy == 0 since the last run returned), so nobody reads `job` now.
         unsafe { *s.job.get() = Some(job) };
         s.n_tasks.store(n_tasks, Ordering::Relaxed);
-        s.next_task.store(0, Ordering::Relaxed);
+        let t = s.cursors.len();
+        for (p, c) in s.cursors.iter().enumerate() {
+            c.0.store(range_start(p, n_tasks, t), Ordering::Relaxed);
+        }
         s.busy.store(self.workers.len(), Ordering::Relaxed);
         {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.epoch.fetch_add(1, Ordering::Release);
             s.wake.notify_all();
         }
-        run_tasks(s, f);
+        run_tasks(s, f, 0);
         let mut spins = 0usize;
         while s.busy.load(Ordering::Acquire) != 0 {
             spins += 1;
@@ -104,18 +118,26 @@ impl ThreadPool {
     }
 }
 
-fn run_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+/// Runs participant `me`'s own tasks in order, then helps the others. Contiguous ranges matter for decode: each
+/// thread streams its own run of weight rows (what the hardware prefetchers follow), while the stealing at the end
+/// keeps a slow or preempted thread from holding up the job for more than one task.
+fn run_tasks(s: &Shared, f: &(dyn Fn(usize) + Sync), me: usize) {
     let n = s.n_tasks.load(Ordering::Relaxed);
-    loop {
-        let i = s.next_task.fetch_add(1, Ordering::Relaxed);
-        if i >= n {
-            break;
+    let t = s.cursors.len();
+    for k in 0..t {
+        let p = (me + k) % t;
+        let end = range_start(p + 1, n, t);
+        loop {
+            let i = s.cursors[p].0.fetch_add(1, Ordering::Relaxed);
+            if i >= end {
+                break;
+            }
+            f(i);
         }
-        f(i);
     }
 }
 
-fn worker(s: &Shared) {
+fn worker(s: &Shared, me: usize) {
     let mut seen = 0usize;
     loop {
         let mut spins = 0usize;
@@ -140,7 +162,7 @@ fn worker(s: &Shared) {
         // SAFETY: the epoch bump (Acquire above) publishes `job`, which stays valid until we decrement `busy`.
         let job = unsafe { (*s.job.get()).expect("job set before epoch bump") };
         // SAFETY: see `ThreadPool::run`: the closure outlives this use.
-        run_tasks(s, unsafe { &*job });
+        run_tasks(s, unsafe { &*job }, me);
         s.busy.fetch_sub(1, Ordering::Release);
     }
 }

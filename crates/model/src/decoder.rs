@@ -18,6 +18,9 @@ use ternlm_kernels::dot::Backend;
 use ternlm_kernels::matmul::WeightBytes;
 use ternlm_kernels::{ActType, Disjoint, QMatrix, QuantizedActs, ThreadPool};
 
+/// Tokens per forward pass inside [`Model::forward`]; longer batches are split.
+const MICRO_BATCH: usize = 128;
+
 /// A linear layer in any weight format (the format is the matrix's business), with an optional bias.
 pub struct Linear {
     pub w: QMatrix,
@@ -295,10 +298,15 @@ impl Model {
                 // SAFETY: task c writes only rows c*chunk..(c+1)*chunk.
                 unsafe { dst.slice(r * bytes, bytes) }.copy_from_slice(&q);
             }
+            // Converted rows leave the resident set at once, so the old and the new head never coexist in memory
+            // (only embedding lookups, one row per token for a tied head, read them from now on).
+            let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(rows));
+            let rb = head.row_bytes();
+            self.file.release_pages(&head.bytes()[r0 * rb..r1 * rb]);
         });
-        self.output = Some(
-            QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?,
-        );
+        let new_head =
+            QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?;
+        self.output = Some(new_head);
         Ok(())
     }
 
@@ -329,12 +337,27 @@ impl Model {
     /// Runs a batch through the model, appending its keys/values to each sequence's slot. Returns the logits of
     /// the tokens marked `logits`, in batch order (`n_vocab` each).
     pub fn forward(&self, batch: &[BatchToken], kv: &mut KvCache, pool: &ThreadPool) -> Result<Vec<f32>> {
+        self.check_batch(batch, kv)?;
+        // Long batches run in micro-batches (llama.cpp's ubatch): the activation buffers stay small (a 512-token
+        // prompt of 2B4T would otherwise hold ~100 MB of them) and every token's result is the same, since tokens
+        // only meet through the KV cache, which each micro-batch fills before the next reads it.
+        if batch.len() > MICRO_BATCH {
+            let mut logits = Vec::new();
+            for chunk in batch.chunks(MICRO_BATCH) {
+                logits.extend(self.forward_checked(chunk, kv, pool)?);
+            }
+            return Ok(logits);
+        }
+        self.forward_checked(batch, kv, pool)
+    }
+
+    /// [`Model::forward`] for a batch that passed `check_batch`.
+    fn forward_checked(&self, batch: &[BatchToken], kv: &mut KvCache, pool: &ThreadPool) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let n = batch.len();
         if n == 0 {
             return Ok(Vec::new());
         }
-        self.check_batch(batch, kv)?;
         let (d, qd, kvd, ff, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff, cfg.head_dim);
 
         let mut x = vec![0f32; n * d];

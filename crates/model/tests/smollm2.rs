@@ -135,6 +135,34 @@ fn batched_sequences_equal_separate_runs() {
     assert!(e.model.forward(&bad, &mut kv, &e.pool).is_err());
 }
 
+/// A prompt longer than the forward's micro-batch (it runs in pieces internally) gives the same logits, bit for
+/// bit, as feeding its tokens one at a time.
+#[test]
+fn long_prompt_equals_token_by_token() {
+    let Some(e) = load() else { return };
+    let text = std::fs::read_to_string(shared().join("data/text/wikitext-2-raw-test.txt")).unwrap();
+    let mut ids = e.tok.encode(&text[..4000], true, false);
+    ids.truncate(300);
+    assert_eq!(ids.len(), 300);
+    let wanted = |i: usize| i.is_multiple_of(37) || i + 1 == ids.len();
+    let mut kv = e.model.new_kv_cache(320, 1);
+    let batch: Vec<BatchToken> =
+        ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: wanted(i) }).collect();
+    let all = e.model.forward(&batch, &mut kv, &e.pool).unwrap();
+    let nv = e.model.cfg.n_vocab;
+    let mut kv1 = e.model.new_kv_cache(320, 1);
+    let mut k = 0;
+    for (i, &t) in ids.iter().enumerate() {
+        let l = e.model.forward(&[BatchToken { token: t, pos: i, seq: 0, logits: wanted(i) }], &mut kv1, &e.pool);
+        let l = l.unwrap();
+        if wanted(i) {
+            assert!(all[k * nv..(k + 1) * nv] == l[..], "position {i}: batched logits differ from one at a time");
+            k += 1;
+        }
+    }
+    assert_eq!(k * nv, all.len());
+}
+
 #[test]
 fn chat_template_renders_smollm2_format() {
     let Some(e) = load() else { return };
