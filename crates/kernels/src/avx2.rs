@@ -720,8 +720,47 @@ unsafe fn dot4_blocks<const WB: usize, const AB: usize, const AOFF: usize, const
 }
 
 /// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
+/// TQ1_0 / TQ2_0 against four Q8_K activation rows: each block's trits are unpacked once for the four tokens
+/// (unpacking is most of a ternary block's work); per token, the same block sum and epilogue as the one-token dot.
+#[inline(always)]
+unsafe fn tq_q8k_dot4<const WB: usize, const DOFF: usize>(
+    w: &[u8],
+    a: [&[u8]; 4],
+    trits: impl Fn(&[u8]) -> [__m256i; 8],
+) -> [f32; 4] {
+    let mut acc = [0f32; 4];
+    for (bi, wb) in w.chunks_exact(WB).enumerate() {
+        let t = trits(wb);
+        let d = h16(wb, DOFF);
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ab = &a[bi * 292..(bi + 1) * 292];
+            *acc += epi_k(d, ab, hsum_i32(tq_q8k_block(t, ab)));
+        }
+    }
+    acc
+}
+
 pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
     use GgmlType::*;
+    macro_rules! tq4 {
+        ($wb:expr, $doff:expr, $trits:ident) => {{
+            fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                    tq_q8k_dot4::<$wb, $doff>(w, a, |b| $trits(b))
+                }
+                // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
+                unsafe { inner(w, a) }
+            }
+            f as crate::dot::RowDot4
+        }};
+    }
+    if ty == TQ2_0 {
+        return Some(tq4!(66, 64, tq2_0_trit_vecs));
+    }
+    if ty == TQ1_0 {
+        return Some(tq4!(54, 52, tq1_0_trit_vecs));
+    }
     macro_rules! four {
         ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, |$w:ident| $unpack:expr, $epi:ident) => {{
             fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
