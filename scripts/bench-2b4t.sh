@@ -5,6 +5,7 @@
 #
 #   scripts/bench-2b4t.sh                      # all configurations, 5 repetitions, 2 threads
 #   REPS=3 PP=128 TG=64 scripts/bench-2b4t.sh  # quicker
+#   CONFIGS="i2_s:q8_0" scripts/bench-2b4t.sh  # one configuration
 #
 # Needs a release build (cargo build --release) and ~4 GB of free disk in $DIR.
 set -euo pipefail
@@ -24,7 +25,10 @@ for ty in i2_s tq2_0 tq1_0; do
 done
 
 # weight type, output head (f16 = as stored; q8_0 = re-quantized at load with --head-type)
-configs=("i2_s f16" "i2_s q8_0" "tq2_0 f16" "tq2_0 q8_0" "tq1_0 f16" "tq1_0 q8_0")
+# CONFIGS="tq2_0:f16 tq1_0:q8_0" runs a subset.
+CONFIGS=${CONFIGS:-"i2_s:f16 i2_s:q8_0 tq2_0:f16 tq2_0:q8_0 tq1_0:f16 tq1_0:q8_0"}
+configs=()
+for c in $CONFIGS; do configs+=("${c/:/ }"); done
 for c in "${configs[@]}"; do
     set -- $c
     head_args=()
