@@ -122,11 +122,10 @@ unsafe fn dot_q8_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
     let mut acc = 0f32;
     let mut b = 0;
     while b + 8 <= nb {
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 64) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 128) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 192) as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 256) as *const i8);
+        // Eight blocks are 272 bytes: five cache lines ahead.
+        for line in 0..5 {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 64 * line) as *const i8);
+        }
         // SAFETY: blocks b..b+8 lie within the first 34·nb bytes of both rows (sliced above).
         let v: [__m256i; 8] = std::array::from_fn(|j| unsafe {
             let x = _mm256_loadu_si256(wp.add(34 * (b + j) + 2) as *const __m256i);
@@ -471,10 +470,9 @@ const PREFETCH_BYTES: usize = 768;
 /// I2_S for tensors without code 3: single-token and four-token dots (each token's integer sum is exact, and the
 /// epilogue is the shared one, so results equal the scalar reference bit for bit).
 pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
-    // Partial sums stay in int16 for up to 8 blocks (32 maddubs results of at most 2·2·128 = 512 each, so at most
-    // 16384 in magnitude) before widening: exact, and one widening per 8 blocks instead of one per block.
-    // Decode streams each weight once, so the loop is kept to the vector work: raw pointers (the bounds are
-    // checked once, above the loop), two blocks per iteration, and a prefetch a few hundred bytes ahead.
+    // Both keep partial sums in int16 for several blocks before widening (bounds at each loop): exact, and one
+    // widening per group of blocks instead of one per block. Decode streams each weight once, so its loop is kept
+    // to the vector work: raw pointers (the bounds are checked once, above the loop) and a prefetch ahead.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn one(w: &[u8], a: &[u8], k: usize, scale: f32) -> f32 {
         assert!(k.is_multiple_of(128) && w.len() >= k / 4 && a.len() >= k + 8, "I2_S row or activation too short");

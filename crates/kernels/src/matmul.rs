@@ -155,13 +155,9 @@ impl QMatrix {
             assert_eq!(x.k, m.cols, "activation length does not match the matrix");
             assert_eq!(out.len(), x.n_rows * m.rows, "output buffer size");
         }
-        if parts.iter().any(|(m, _)| m.kcols != m.cols) {
-            // Padded (ragged I2_S) rows need their own activation copy: one job per matrix.
-            for (m, out) in parts.iter_mut() {
-                m.matmul_padded(x, out, pool);
-            }
-            return;
-        }
+        // Matrices whose rows were padded to whole I2_S blocks read activations padded the same way.
+        let padded: Vec<Option<QuantizedActs>> =
+            parts.iter().map(|(m, _)| (m.kcols != m.cols).then(|| m.pad_acts(x))).collect();
         let n_tok = x.n_rows;
         let total_rows: usize = parts.iter().map(|(m, _)| m.rows).sum();
         if total_rows == 0 || n_tok == 0 {
@@ -182,11 +178,15 @@ impl QMatrix {
             starts.push(acc);
             acc += m.rows;
         }
-        let dsts: Vec<(&QMatrix, Disjoint<f32>)> = parts.iter_mut().map(|(m, out)| (*m, Disjoint::new(out))).collect();
+        let dsts: Vec<(&QMatrix, &QuantizedActs, Disjoint<f32>)> = parts
+            .iter_mut()
+            .zip(&padded)
+            .map(|((m, out), p)| (*m, p.as_ref().unwrap_or(x), Disjoint::new(out)))
+            .collect();
         let n_tasks = total_rows.div_ceil(rows_per_task);
         let task = |t: usize| {
             let (g0, g1) = (t * rows_per_task, ((t + 1) * rows_per_task).min(total_rows));
-            for ((m, dst), &s) in dsts.iter().zip(&starts) {
+            for ((m, x, dst), &s) in dsts.iter().zip(&starts) {
                 let (r0, r1) = (g0.max(s) - s, g1.min(s + m.rows).saturating_sub(s));
                 if r0 < r1 {
                     m.rows_times(x, dst, r0, r1);
@@ -224,10 +224,9 @@ impl QMatrix {
         }
     }
 
-    /// A matrix whose rows were padded to whole I2_S blocks: pads the activations the same way, then multiplies.
-    fn matmul_padded(&self, x: &QuantizedActs, out: &mut [f32], pool: &ThreadPool) {
-        // Per-token int8 rows are [k values][scale f32][sum i32]: zeros appended to the values change neither the
-        // dot product nor the sum.
+    /// Activations for a matrix whose rows were padded to whole I2_S blocks, padded the same way. Per-token int8
+    /// rows are [k values][scale f32][sum i32]: zeros appended to the values change neither the dot nor the sum.
+    fn pad_acts(&self, x: &QuantizedActs) -> QuantizedActs {
         let (k, kp) = (self.cols, self.kcols);
         let mut data = vec![0u8; x.n_rows * (kp + 8)];
         for t in 0..x.n_rows {
@@ -235,12 +234,7 @@ impl QMatrix {
             dst[..k].copy_from_slice(&src[..k]);
             dst[kp..].copy_from_slice(&src[k..k + 8]);
         }
-        let padded = QuantizedActs { ty: x.ty, k: kp, n_rows: x.n_rows, data };
-        let dst = Disjoint::new(out);
-        let rows_per_task = if x.n_rows == 1 { 16 } else { 8 };
-        pool.run(self.rows.div_ceil(rows_per_task), &|t| {
-            self.rows_times(&padded, &dst, t * rows_per_task, ((t + 1) * rows_per_task).min(self.rows))
-        });
+        QuantizedActs { ty: x.ty, k: kp, n_rows: x.n_rows, data }
     }
 
     /// Quantizes `x` (rows of `cols`) for this matrix and multiplies.

@@ -47,6 +47,24 @@ fn tq2_0_fixture_decodes_to_the_i2s_fixture_values() {
     assert_eq!(n, 14);
 }
 
+/// A 64-bit LCG's high bits: reproducible test data without a crate.
+fn lcg(mut seed: u64) -> impl FnMut() -> u32 {
+    move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    }
+}
+
+/// xorshift64: reproducible test data without a crate.
+fn xorshift64(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 fn i2s_matrix(codes: &[u8], rows: usize, k: usize, scale: f32, backend: Backend) -> QMatrix {
     let w: Vec<f32> = codes.iter().map(|&c| (c as f32 - 1.0) * scale).collect();
     let mut bytes = quantize_i2s(&w);
@@ -78,11 +96,7 @@ fn i2s_adversarial_and_random_shapes_are_exact() {
     let pool = ThreadPool::new(2);
     let backends: Vec<Backend> =
         if Backend::detect() == Backend::Avx2 { vec![Backend::Scalar, Backend::Avx2] } else { vec![Backend::Scalar] };
-    let mut seed = 99u64;
-    let mut rnd = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (seed >> 33) as u32
-    };
+    let mut rnd = lcg(99);
     // (rows, k, pattern): 0 = random codes, 1 = all +1 with acts all +max (sums far beyond int16), 2 = all -1 with
     // alternating ±max acts, 3 = all-zero rows.
     for (rows, k, pattern) in [(3, 128, 0), (5, 640, 0), (4, 6912, 1), (2, 8192, 2), (3, 2560, 3), (7, 1024, 0)] {
@@ -184,13 +198,7 @@ fn tq_per_token_batched_matmul_equals_scalar() {
         return;
     }
     let (rows, k) = (12usize, 768usize);
-    let mut seed = 0x9E3779B97F4A7C15u64;
-    let mut rnd = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = xorshift64(0x9E3779B97F4A7C15);
     let w: Vec<f32> = (0..rows * k).map(|i| ((rnd() % 3) as f32 - 1.0) * (1.0 + (i / 256 % 5) as f32 / 4.0)).collect();
     let pool = ThreadPool::new(2);
     for (ty, bytes) in [(GgmlType::TQ2_0, quantize_tq2_0(&w)), (GgmlType::TQ1_0, quantize_tq1_0(&w))] {
@@ -221,13 +229,7 @@ fn i2s_rows_that_are_not_whole_blocks() {
     let pool = ThreadPool::new(2);
     for (rows, k) in [(6usize, 192usize), (2, 320), (16, 576)] {
         assert_eq!(rows * k % 128, 0);
-        let mut seed = 0x2545F4914F6CDD1Du64 ^ (k as u64);
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rnd = xorshift64(0x2545F4914F6CDD1D ^ (k as u64));
         let codes: Vec<u8> = (0..rows * k).map(|_| (rnd() % 3) as u8).collect();
         let scale = 0.0371f32;
         let values: Vec<f32> = codes.iter().map(|&c| (c as f32 - 1.0) * scale).collect();
@@ -259,15 +261,11 @@ fn i2s_rows_that_are_not_whole_blocks() {
 }
 
 /// A grouped matmul (Q/K/V, gate/up as one pool job, with tasks that straddle matrices) equals separate matmuls
-/// bit for bit, for decode and for batches, on every backend; matrices with padded rows take the fallback.
+/// bit for bit, for decode and for batches, on every backend, including matrices with padded rows.
 #[test]
 fn grouped_matmul_equals_separate_matmuls() {
     let pool = ThreadPool::new(2);
-    let mut seed = 7u64;
-    let mut rnd = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (seed >> 33) as u32
-    };
+    let mut rnd = lcg(7);
     for backend in [Backend::Scalar, Backend::detect()] {
         // Row counts that are not multiples of the task size, so tasks cover the end of one matrix and the start
         // of the next; k = 320 gives padded (ragged) rows.

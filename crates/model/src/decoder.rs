@@ -53,6 +53,11 @@ impl Linear {
             }
             self.w.matmul(q.as_ref().expect("set above"), out, pool);
         }
+        self.scale_and_bias(out);
+    }
+
+    /// The output scale, then the bias, applied to `out` (rows of `out_dim`) after the matmul.
+    fn scale_and_bias(&self, out: &mut [f32]) {
         if let Some(s) = self.scale {
             out.iter_mut().for_each(|o| *o *= s);
         }
@@ -81,14 +86,7 @@ fn forward_group(lins: &[&Linear], x: &[f32], outs: &mut [&mut [f32]], pool: &Th
         lins.iter().zip(outs.iter_mut()).map(|(l, o)| (&l.w, &mut **o)).collect();
     QMatrix::matmul_group(&mut parts, &q, pool);
     for (l, out) in lins.iter().zip(outs.iter_mut()) {
-        if let Some(s) = l.scale {
-            out.iter_mut().for_each(|o| *o *= s);
-        }
-        if let Some(b) = &l.bias {
-            for row in out.chunks_exact_mut(b.len()) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        }
+        l.scale_and_bias(out);
     }
 }
 
@@ -304,9 +302,9 @@ impl Model {
             let rb = head.row_bytes();
             self.file.release_pages(&head.bytes()[r0 * rb..r1 * rb]);
         });
-        let new_head =
-            QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?;
-        self.output = Some(new_head);
+        self.output = Some(
+            QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?,
+        );
         Ok(())
     }
 
