@@ -36,7 +36,7 @@ pub struct BenchArgs {
     /// Skip the memory-bandwidth probe
     #[arg(long)]
     pub no_probe: bool,
-    /// Re-quantize the output head at load (q8_0, f16)
+    /// Re-quantize the output head at load (q8_0, q6_k, f16)
     #[arg(long)]
     pub head_type: Option<String>,
 }

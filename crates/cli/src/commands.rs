@@ -101,7 +101,7 @@ pub struct ModelArgs {
     /// and bitnet.cpp outputs) or per-token (BitNet's training semantics, as I2_S uses)
     #[arg(long, default_value = "per-block")]
     pub tq_acts: String,
-    /// Re-quantize the output head at load: q8_0 or f16 (default: as stored in the file)
+    /// Re-quantize the output head at load: q8_0, q6_k or f16 (default: as stored in the file)
     #[arg(long)]
     pub head_type: Option<String>,
 }

@@ -17,14 +17,14 @@ pub struct ConvertArgs {
     #[arg(short, long, required_unless_present = "dry_run")]
     pub output: Option<PathBuf>,
     /// Type of the attention/FFN projections: i2_s, tq2_0, tq1_0 (ternarized with BitNet's absmean, or unpacked
-    /// exactly from packed checkpoints), or f32, f16, bf16, q8_0 (for every matrix). auto: i2_s for BitNet
+    /// exactly from packed checkpoints), or f32, f16, bf16, q8_0, q6_k (for every matrix). auto: i2_s for BitNet
     /// families and packed checkpoints, else f16.
     #[arg(short = 't', long = "type", default_value = "auto")]
     pub out_type: String,
-    /// Output head type when the head is not tied (f32, f16, bf16, q8_0). Default: f16 for ternary --type, else --type.
+    /// Output head type when the head is not tied (f32, f16, bf16, q8_0, q6_k). Default: f16 for ternary --type, else --type.
     #[arg(long)]
     pub head_type: Option<String>,
-    /// Token embedding type (f32, f16, bf16, q8_0). Default as for --head-type.
+    /// Token embedding type (f32, f16, bf16, q8_0, q6_k). Default as for --head-type.
     #[arg(long)]
     pub embd_type: Option<String>,
     /// Write this `tokenizer.ggml.pre` instead of the one recognised from tokenizer.json.

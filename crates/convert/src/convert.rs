@@ -40,7 +40,7 @@ impl ConvertOptions {
     }
 }
 
-pub const OUT_TYPES: &str = "i2_s, tq2_0, tq1_0, f32, f16, bf16, q8_0";
+pub const OUT_TYPES: &str = "i2_s, tq2_0, tq1_0, f32, f16, bf16, q8_0, q6_k";
 
 pub fn is_ternary(t: GgmlType) -> bool {
     matches!(t, GgmlType::I2_S | GgmlType::TQ1_0 | GgmlType::TQ2_0)
@@ -58,6 +58,7 @@ pub fn parse_type(s: &str) -> Result<GgmlType> {
                 | GgmlType::F16
                 | GgmlType::BF16
                 | GgmlType::Q8_0
+                | GgmlType::Q6_K
         )
     });
     t.with_context(|| format!("unknown output type '{s}' (expected one of {OUT_TYPES})"))
@@ -125,6 +126,7 @@ fn file_type(t: GgmlType) -> u32 {
         GgmlType::F32 => 0,
         GgmlType::F16 => 1,
         GgmlType::Q8_0 => 7,
+        GgmlType::Q6_K => 18,
         GgmlType::BF16 => 32,
         GgmlType::TQ1_0 => 36,
         GgmlType::TQ2_0 => 37,
@@ -144,7 +146,7 @@ pub fn plan(ck: &HfCheckpoint, opts: &ConvertOptions) -> Result<Plan> {
     let head_ty = opts.head_type.unwrap_or(default_embd);
     for t in [embd_ty, head_ty] {
         if is_ternary(t) {
-            bail!("the embedding and output head stay in full precision or Q8_0 (got {t}); ternary types are for the projections");
+            bail!("the embedding and output head stay in full precision, Q8_0 or Q6_K (got {t}); ternary types are for the projections");
         }
     }
 
@@ -411,6 +413,7 @@ fn encode_float(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
         GgmlType::F16 => x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
         GgmlType::BF16 => x.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
         GgmlType::Q8_0 => ternlm_kernels::quant::quantize_q8_0(x),
+        GgmlType::Q6_K => ternlm_kernels::quant::quantize_q6_k(x),
         other => bail!("cannot encode {other}"),
     })
 }

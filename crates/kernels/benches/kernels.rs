@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 use ternlm_kernels::matmul::WeightBytes;
-use ternlm_kernels::quant::{quantize_i2s, quantize_q8_0, quantize_tq1_0, quantize_tq2_0};
+use ternlm_kernels::quant::{quantize_i2s, quantize_q6_k, quantize_q8_0, quantize_tq1_0, quantize_tq2_0};
 use ternlm_kernels::{Backend, GgmlType, QMatrix, QuantizedActs, ThreadPool};
 
 const ROWS: usize = 6912;
@@ -37,6 +37,7 @@ fn encode(ty: GgmlType, w: &[f32]) -> Vec<u8> {
         GgmlType::TQ2_0 => quantize_tq2_0(w),
         GgmlType::TQ1_0 => quantize_tq1_0(w),
         GgmlType::Q8_0 => quantize_q8_0(w),
+        GgmlType::Q6_K => quantize_q6_k(w),
         GgmlType::F16 => w.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
         _ => unreachable!("no encoder for {ty}"),
     }
@@ -73,7 +74,7 @@ fn main() {
     }
     println!("matmul {ROWS}x{COLS}, {threads} thread(s), median of {reps} (min..max)");
     println!("{:<28} {:>12} {:>22} {:>10}", "case", "median", "spread", "rate");
-    for ty in [GgmlType::I2_S, GgmlType::TQ2_0, GgmlType::TQ1_0, GgmlType::Q8_0, GgmlType::F16] {
+    for ty in [GgmlType::I2_S, GgmlType::TQ2_0, GgmlType::TQ1_0, GgmlType::Q8_0, GgmlType::Q6_K, GgmlType::F16] {
         let bytes = Arc::new(encode(ty, &w));
         let stream = std::env::var("TERNLM_BENCH_STREAM_MB")
             .ok()

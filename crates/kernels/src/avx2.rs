@@ -206,36 +206,86 @@ unsafe fn isum_q5_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
     (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
 }
 
-/// Q6_K: values are (u6 − 32); Σ sc·(u6 − 32)·a = Σ sc·u6·a − 32·Σ sc·bsum16. maddubs pairs ≤ 2·63·127 = 16002;
-/// madd with a signed 8-bit scale ≤ 2·16002·128 ≈ 4.1e6 per lane.
+/// Q6_K: values are (u6 − 32); Σ sc·(u6 − 32)·a = Σ sc·u6·a − 32·Σ sc·bsum16, the second term from the Q8_K
+/// block's sixteen int16 partial sums in one madd. maddubs pairs ≤ 2·63·128 = 16128; madd with a signed 8-bit
+/// scale ≤ 2·16128·128 ≈ 4.1e6 per lane per vector, eight vectors ≈ 3.3e7: no overflow.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q6_k_avx2(w: &[u8], a: &[u8]) -> i32 {
+    let (w, a) = (&w[..210], &a[..292]);
+    // SAFETY: the slices above hold a whole Q6_K block and a whole Q8_K block.
+    unsafe { hsum_i32(q6_k_block(w.as_ptr(), a.as_ptr())) }
+}
+
+/// Σ sc·(u6 − 32)·a over one Q6_K block (210 bytes at `w`) and one Q8_K block (292 bytes at `a`), as i32 lanes.
+/// Caller guarantees both blocks are readable.
+#[inline(always)]
+unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
+    let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(3);
-    let sc = &w[192..208];
+    let m30 = _mm256_set1_epi8(0x30);
+    let scales = _mm_loadu_si128(w.add(192) as *const __m128i);
     let mut acc = _mm256_setzero_si256();
     for h in 0..2 {
-        let qa = load(&w[64 * h..]);
-        let qb = load(&w[64 * h + 32..]);
-        let hb = load(&w[128 + 32 * h..]);
-        let hbits = |s: i32| _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(s)), m2), 4);
+        let qa = ld(w.add(64 * h));
+        let qb = ld(w.add(64 * h + 32));
+        let hb = ld(w.add(128 + 32 * h));
+        // High bit pairs moved to bits 4–5 of each byte (16-bit shifts are fine: the mask drops what crossed).
         let vals = [
-            _mm256_or_si256(_mm256_and_si256(qa, m4), hbits(0)),
-            _mm256_or_si256(_mm256_and_si256(qb, m4), hbits(2)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hbits(4)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hbits(6)),
+            _mm256_or_si256(_mm256_and_si256(qa, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(qb, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), _mm256_and_si256(hb, m30)),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30),
+            ),
         ];
         for (i, v) in vals.into_iter().enumerate() {
-            let s0 = sc[8 * h + 2 * i] as i8 as i16;
-            let s1 = sc[8 * h + 2 * i + 1] as i8 as i16;
-            let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-            let p = _mm256_maddubs_epi16(v, load(&a[4 + 128 * h + 32 * i..]));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, scales));
+            // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values.
+            let j = (4 * h + i) as i8;
+            let pick = _mm_setr_epi8(
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+                2 * j + 1,
+            );
+            let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+            let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
         }
     }
-    let bs = |i: usize| i16::from_le_bytes([a[260 + 2 * i], a[261 + 2 * i]]) as i32;
-    let offset: i32 = (0..16).map(|j| sc[j] as i8 as i32 * bs(j)).sum();
-    hsum_i32(acc) - 32 * offset
+    let offset = _mm256_madd_epi16(ld(a.add(260)), _mm256_cvtepi8_epi16(scales));
+    _mm256_sub_epi32(acc, _mm256_slli_epi32(offset, 5))
+}
+
+/// Q6_K row × Q8_K activations, equal to the scalar reference bit for bit (exact block sums, each block's term
+/// `(d_w · d_a) · isum` in f32 added in block order); raw pointers and a prefetch keep it streaming.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6_k_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    let nb = k / 256;
+    let (w, a) = (&w[..210 * nb], &a[..292 * nb]);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    let mut acc = 0f32;
+    for b in 0..nb {
+        for line in 0..4 {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(210 * b + PREFETCH_BYTES + 64 * line) as *const i8);
+        }
+        // SAFETY: block b lies within the first 210·nb / 292·nb bytes (sliced above).
+        let isum = unsafe { hsum_i32(q6_k_block(wp.add(210 * b), ap.add(292 * b))) };
+        acc += epi_k(h16(w, 210 * b + 208), &a[292 * b..], isum);
+    }
+    acc
 }
 
 /// Σ (t − 1)·q over one ternary block (trits 0..2 as eight 32-byte vectors) against a Q8_K activation block, as
@@ -849,7 +899,7 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
         Q5_1 => blocks!(24, 36, |x, y| epi_q8_1_with(x, y, isum_q5_1_avx2(x, y), |b, i| h16(b, i))),
         Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, isum_q4_k_avx2(x, y), |b, i| h16(b, i))),
         Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, isum_q5_k_avx2(x, y), |b, i| h16(b, i))),
-        Q6_K => blocks!(210, 292, |x, y| epi_k(h16(x, 208), y, isum_q6_k_avx2(x, y))),
+        Q6_K => whole!(|w, a, k, _s| dot_q6_k_avx2(w, a, k)),
         TQ1_0 => blocks!(54, 292, |x, y| epi_k(h16(x, 52), y, isum_tq1_0_avx2(x, y))),
         TQ2_0 => blocks!(66, 292, |x, y| epi_k(h16(x, 64), y, isum_tq2_0_avx2(x, y))),
         I2_S => whole!(dot_i2s_avx2),

@@ -166,3 +166,196 @@ mod q8_tests {
         }
     }
 }
+
+/// The 1.5·2²³ trick of ggml's `nearest_int`: adding it leaves round-half-to-even(v) in the low mantissa bits
+/// (|v| < 2²²). Takes the sum, so callers can form it with a fused multiply-add as ggml's FMA builds do.
+#[inline(always)]
+fn nearest_int_of_biased(v_plus_magic: f32) -> i32 {
+    (v_plus_magic.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+const NEAREST_MAGIC: f32 = 12582912.0;
+
+/// ggml's `make_qx_quants(16, 32, x, L, rmse_type = 1, NULL)` for the sixteen 16-value sub-blocks of a Q6_K block:
+/// each sub-block's scale, searched over 19 candidate inverse scales for the least x²-weighted squared error.
+///
+/// Bit-exact with llama.cpp as built with FMA (`-march=native`, GCC's default contraction), which fuses the code
+/// rounding (`iscale*x + magic`) and the two running sums here but not the sub-scale rounding in the caller
+/// (tests/q6_k_quantizer.rs holds us to llama.cpp's bytes); each sub-block's sums run in index order. The sub-blocks are the vector lanes
+/// (values transposed), so the search vectorizes without changing any sub-block's arithmetic.
+#[inline(always)]
+fn q6_k_sub_scales(x: &[f32]) -> [f32; 16] {
+    const NMAX: f32 = 32.0;
+    let xt: [[f32; 16]; 16] = std::array::from_fn(|i| std::array::from_fn(|sb| x[16 * sb + i]));
+    let mut max = [0f32; 16];
+    let mut amax = [0f32; 16];
+    for row in &xt {
+        for sb in 0..16 {
+            if row[sb].abs() > amax[sb] {
+                amax[sb] = row[sb].abs();
+                max[sb] = row[sb];
+            }
+        }
+    }
+    let sums = |iscale: &[f32; 16]| {
+        let (mut lx, mut l2) = ([0f32; 16], [0f32; 16]);
+        for row in &xt {
+            for sb in 0..16 {
+                let v = row[sb];
+                let q = nearest_int_of_biased(iscale[sb].mul_add(v, NEAREST_MAGIC)).clamp(-32, 31) as f32;
+                let w = v * v;
+                lx[sb] = (w * v).mul_add(q, lx[sb]);
+                l2[sb] = (w * q).mul_add(q, l2[sb]);
+            }
+        }
+        (lx, l2)
+    };
+    let (sumlx, suml2) = sums(&std::array::from_fn(|sb| -NMAX / max[sb]));
+    let mut scale: [f32; 16] = std::array::from_fn(|sb| if suml2[sb] != 0.0 { sumlx[sb] / suml2[sb] } else { 0.0 });
+    let mut best: [f32; 16] = std::array::from_fn(|sb| scale[sb] * sumlx[sb]);
+    for is in (-9..=9).filter(|&i| i != 0) {
+        let num = NMAX + 0.1 * is as f32;
+        let (sumlx, suml2) = sums(&std::array::from_fn(|sb| -num / max[sb]));
+        for sb in 0..16 {
+            if suml2[sb] > 0.0 && sumlx[sb] * sumlx[sb] > best[sb] * suml2[sb] {
+                scale[sb] = sumlx[sb] / suml2[sb];
+                best[sb] = scale[sb] * sumlx[sb];
+            }
+        }
+    }
+    std::array::from_fn(|sb| if amax[sb] < 1e-15 { 0.0 } else { scale[sb] })
+}
+
+/// ggml's `quantize_row_q6_K_ref`: per 256-block an f16 scale d and sixteen int8 sub-block scales, six-bit codes
+/// (value + 32) split into low nibbles (`ql`, 128 bytes) and high bit pairs (`qh`, 64 bytes). Layout:
+/// ql[128] qh[64] scales[16] d(f16) = 210 bytes.
+pub fn quantize_q6_k(src: &[f32]) -> Vec<u8> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        /// The same code compiled for AVX2 and FMA (8-wide candidate search, `mul_add` in one instruction):
+        /// the same results as the portable build, where `mul_add` is libm's correctly rounded `fmaf`.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(src: &[f32]) -> Vec<u8> {
+            quantize_q6_k_impl(src)
+        }
+        // SAFETY: AVX2 was detected just above.
+        return unsafe { avx2(src) };
+    }
+    quantize_q6_k_impl(src)
+}
+
+#[inline(always)]
+fn quantize_q6_k_impl(src: &[f32]) -> Vec<u8> {
+    assert!(src.len().is_multiple_of(256), "Q6_K needs a multiple of 256 values");
+    let mut out = Vec::with_capacity(src.len() / 256 * 210);
+    for x in src.chunks_exact(256) {
+        // Codes of sub-blocks whose int8 scale rounds to zero stay at 0 (ggml leaves its search's codes there;
+        // either way they decode to 0).
+        let mut l = [0i8; 256];
+        let scales = q6_k_sub_scales(x);
+        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+        for &s in &scales {
+            if s.abs() > max_abs_scale {
+                max_abs_scale = s.abs();
+                max_scale = s;
+            }
+        }
+        let mut block = [0u8; 210];
+        if max_abs_scale >= 1e-15 {
+            let iscale = -128.0 / max_scale;
+            let d = f16::from_f32(1.0 / iscale);
+            block[208..].copy_from_slice(&d.to_le_bytes());
+            for (ib, &s) in scales.iter().enumerate() {
+                block[192 + ib] = nearest_int_of_biased(iscale * s + NEAREST_MAGIC).min(127) as i8 as u8;
+            }
+            for j in 0..16 {
+                let dj = d.to_f32() * block[192 + j] as i8 as f32;
+                if dj == 0.0 {
+                    continue;
+                }
+                for i in 16 * j..16 * j + 16 {
+                    l[i] = (nearest_int_of_biased(x[i] / dj + NEAREST_MAGIC).clamp(-32, 31) + 32) as i8;
+                }
+            }
+            for h in 0..2 {
+                let (ql, l) = (&mut block[64 * h..64 * h + 64], &l[128 * h..]);
+                for i in 0..32 {
+                    ql[i] = (l[i] as u8 & 0xF) | (l[i + 64] as u8 & 0xF) << 4;
+                    ql[i + 32] = (l[i + 32] as u8 & 0xF) | (l[i + 96] as u8 & 0xF) << 4;
+                }
+                for i in 0..32 {
+                    block[128 + 32 * h + i] = (l[i] as u8 >> 4)
+                        | (l[i + 32] as u8 >> 4) << 2
+                        | (l[i + 64] as u8 >> 4) << 4
+                        | (l[i + 96] as u8 >> 4) << 6;
+                }
+            }
+        }
+        out.extend_from_slice(&block);
+    }
+    out
+}
+
+#[cfg(test)]
+mod q6_k_tests {
+    use crate::GgmlType;
+
+    /// The values back, and each 256-block's super-scale d.
+    fn round_trip(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let q = super::quantize_q6_k(x);
+        assert_eq!(q.len(), x.len() / 256 * 210);
+        let mut back = vec![0f32; x.len()];
+        crate::scalar::dequantize_row(GgmlType::Q6_K, &q, &mut back, 1.0).unwrap();
+        let d = q.chunks(210).map(|b| half::f16::from_le_bytes([b[208], b[209]]).to_f32().abs()).collect();
+        (back, d)
+    }
+
+    /// Every value comes back within half a code step of its sub-block (amax/31 allows for the rmse search's
+    /// wider scales) plus what rounding the sub-block scale to an int8 multiple of d costs at the largest code
+    /// (32·d/2), and the whole is far closer than a 4-bit code could be.
+    #[test]
+    fn q6_k_round_trip_is_close() {
+        let mut s = 0x1234_5678u32;
+        let x: Vec<f32> = (0..1024)
+            .map(|i| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                let v = (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                // Sub-blocks of very different magnitudes, and an outlier per block.
+                v * (1 + (i / 16) % 5) as f32 + if i % 256 == 7 { 6.0 } else { 0.0 }
+            })
+            .collect();
+        let (back, d) = round_trip(&x);
+        for (blk, (xb, bb)) in x.chunks(16).zip(back.chunks(16)).enumerate() {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let bound = amax / 31.0 + 16.0 * d[blk / 16] + 1e-6;
+            for (a, b) in xb.iter().zip(bb) {
+                assert!((a - b).abs() <= bound, "sub-block {blk}: {a} vs {b} (bound {bound})");
+            }
+        }
+        let rmse = (x.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / x.len() as f32).sqrt();
+        let rms = (x.iter().map(|a| a * a).sum::<f32>() / x.len() as f32).sqrt();
+        assert!(rmse < rms / 40.0, "rmse {rmse} vs rms {rms}");
+    }
+
+    /// The AVX2+FMA build of the quantizer and the portable one (libm's fused `fmaf`) give the same bytes.
+    #[test]
+    fn q6_k_portable_equals_dispatched() {
+        let x: Vec<f32> =
+            (0..2048).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5 + (i % 97) as f32 * 1e-3).collect();
+        assert_eq!(super::quantize_q6_k_impl(&x), super::quantize_q6_k(&x));
+    }
+
+    #[test]
+    fn q6_k_zero_block_and_codes() {
+        assert!(round_trip(&[0f32; 256]).0.iter().all(|&v| v == 0.0));
+        // One sub-block at a time non-zero: the others stay exactly zero.
+        let x: Vec<f32> = (0..256).map(|i| if i / 16 == 5 { i as f32 - 88.0 } else { 0.0 }).collect();
+        let (back, d) = round_trip(&x);
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            assert!((a - b).abs() <= 8.0 / 31.0 + 16.0 * d[0], "{i}: {a} vs {b}");
+            if i / 16 != 5 {
+                assert_eq!(*b, 0.0);
+            }
+        }
+    }
+}

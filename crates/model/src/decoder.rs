@@ -273,14 +273,21 @@ impl Model {
     /// the largest single lever on generation speed for BitNet 2B4T). The token embedding used for lookups is left
     /// as it is in the file.
     pub fn requantize_head(&mut self, ty: GgmlType, pool: &ThreadPool) -> Result<()> {
-        if !matches!(ty, GgmlType::Q8_0 | GgmlType::F16) {
-            bail!("head type {ty} is not supported (q8_0 or f16)");
+        if !matches!(ty, GgmlType::Q8_0 | GgmlType::Q6_K | GgmlType::F16) {
+            bail!("head type {ty} is not supported (q8_0, q6_k or f16)");
         }
         let head = self.head();
         if head.ty() == ty {
             return Ok(());
         }
         let (rows, cols) = (head.rows, head.cols);
+        if !cols.is_multiple_of(ty.block_size()) {
+            bail!(
+                "head type {ty} needs rows that are a multiple of {} values; this model's output head has {cols} \
+                 columns (use q8_0)",
+                ty.block_size()
+            );
+        }
         let bytes = ty.row_bytes(cols);
         let mut data = vec![0u8; rows * bytes];
         let dst = Disjoint::new(&mut data);
@@ -291,6 +298,7 @@ impl Model {
                 head.dequantize_row(r, &mut row);
                 let q: Vec<u8> = match ty {
                     GgmlType::Q8_0 => ternlm_kernels::quant::quantize_q8_0(&row),
+                    GgmlType::Q6_K => ternlm_kernels::quant::quantize_q6_k(&row),
                     _ => row.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
                 };
                 // SAFETY: task c writes only rows c*chunk..(c+1)*chunk.

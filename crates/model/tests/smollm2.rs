@@ -224,4 +224,7 @@ fn requantized_head_keeps_predictions() {
     assert!(d < 0.02 * scale, "F16 head changed logits by {d} (logit scale {scale})");
     assert_eq!(ternlm_model::sampling::argmax(&before), ternlm_model::sampling::argmax(&after));
     assert!(e.model.requantize_head(ternlm_gguf::GgmlType::Q4_K, &e.pool).is_err());
+    // SmolLM2's rows (576) are not whole Q6_K blocks: a clear error, not a crash.
+    let err = e.model.requantize_head(ternlm_gguf::GgmlType::Q6_K, &e.pool).unwrap_err().to_string();
+    assert!(err.contains("576") && err.contains("256"), "{err}");
 }

@@ -138,3 +138,32 @@ fn pre_tokenizer_default_vs_llama3() {
     assert_eq!(default.decode(&a, false), text);
     assert_eq!(llama3.decode(&b, false), text);
 }
+
+/// `--head-type q6_k` / `q8_0` on F2 (an F16 head, 32000 × 256): the BOS logits stay within the head's
+/// quantization error of bitnet.cpp's (F16-head) reference, with the same top-1, and Q6_K's error is of the size
+/// its 6-bit codes imply (between Q8_0's and a tenth of the logit scale). Position 0 has no attention mixing, so
+/// the head is the only thing that changed.
+#[test]
+fn quantized_heads_stay_close_to_reference() {
+    let pool = ThreadPool::new(2);
+    let bos_ref = read_f32("tiny-bitnet-i2s.bos.bin");
+    let scale = bos_ref.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut err = Vec::new();
+    for ty in [ternlm_gguf::GgmlType::Q8_0, ternlm_gguf::GgmlType::Q6_K] {
+        let f = Arc::new(GgufFile::open(dir().join("tiny-bitnet-i2s.gguf")).unwrap());
+        let tok = Tokenizer::from_gguf(&f, None).unwrap();
+        let mut model = Model::from_gguf(f).unwrap();
+        model.requantize_head(ty, &pool).unwrap();
+        assert_eq!(model.head().ty(), ty);
+        let mut kv = model.new_kv_cache(8, 1);
+        let bos = model
+            .forward(&[BatchToken { token: tok.bos.unwrap(), pos: 0, seq: 0, logits: true }], &mut kv, &pool)
+            .unwrap();
+        let d = bos.iter().zip(&bos_ref).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 0.1 * scale, "{ty} head: BOS logits differ by {d} (scale {scale})");
+        assert_eq!(argmax(&bos), argmax(&bos_ref), "{ty} head: top-1 changed");
+        err.push(d);
+    }
+    assert!(err[0] < err[1], "Q8_0 head error {} should be below Q6_K's {}", err[0], err[1]);
+    eprintln!("BOS logit error: Q8_0 head {:.2e}, Q6_K head {:.2e} (scale {scale:.2})", err[0], err[1]);
+}
