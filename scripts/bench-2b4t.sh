@@ -24,9 +24,9 @@ for ty in i2_s tq2_0 tq1_0; do
     [ -s "$f" ] || "$BIN" gen-model -o "$f" --type "$ty" --vocab "$VOCAB" >&2
 done
 
-# weight type, output head (f16 = as stored; q8_0 = re-quantized at load with --head-type)
+# weight type, output head (f16 = as stored; q8_0, q6_k = re-quantized at load with --head-type)
 # CONFIGS="tq2_0:f16 tq1_0:q8_0" runs a subset.
-CONFIGS=${CONFIGS:-"i2_s:f16 i2_s:q8_0 tq2_0:f16 tq2_0:q8_0 tq1_0:f16 tq1_0:q8_0"}
+CONFIGS=${CONFIGS:-"i2_s:f16 i2_s:q8_0 i2_s:q6_k tq2_0:f16 tq2_0:q6_k tq1_0:f16 tq1_0:q6_k"}
 configs=()
 for c in $CONFIGS; do configs+=("${c/:/ }"); done
 for c in "${configs[@]}"; do

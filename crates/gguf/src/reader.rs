@@ -44,14 +44,15 @@ impl TensorInfo {
 }
 
 enum Storage {
-    Mmap(memmap2::Mmap),
+    /// The map, and the file it maps (for reads that must not touch the map: [`GgufFile::read_unmapped`]).
+    Mmap(memmap2::Mmap, std::fs::File),
     Owned(Vec<u8>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Storage::Mmap(m) => m,
+            Storage::Mmap(m, _) => m,
             Storage::Owned(v) => v,
         }
     }
@@ -282,7 +283,7 @@ impl GgufFile {
         // SAFETY: the map is read-only and private to this process; ternlm never writes model files while they are
         // mapped. A file truncated by another process underneath us could fault; that is the usual mmap contract.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
-        Self::parse(path.to_path_buf(), Storage::Mmap(map))
+        Self::parse(path.to_path_buf(), Storage::Mmap(map, file))
     }
 
     /// Parses an in-memory file; `path` is only used in error messages.
@@ -429,9 +430,29 @@ impl GgufFile {
     /// re-quantized into an owned copy): its whole pages leave the resident set and are read from the file again
     /// if touched. No effect for files held in memory, or for slices that are not part of this file.
     pub fn release_pages(&self, bytes: &[u8]) {
-        if let Storage::Mmap(m) = &self.storage {
+        if let Storage::Mmap(m, _) = &self.storage {
             release_mapped_pages(m, bytes);
         }
+    }
+
+    /// Copies `bytes` (a slice of this file's data) into `out` by reading the file (page cache) instead of the
+    /// mapping, so pages handed back with [`GgufFile::release_pages`] stay out of the resident set: on recent
+    /// kernels one touched byte maps a whole large folio back (up to megabytes). Falls back to copying the slice
+    /// for in-memory files, slices from elsewhere, or a failed read.
+    pub fn read_unmapped(&self, bytes: &[u8], out: &mut [u8]) {
+        assert_eq!(bytes.len(), out.len(), "read_unmapped: output length");
+        #[cfg(unix)]
+        if let Storage::Mmap(m, file) = &self.storage {
+            use std::os::unix::fs::FileExt;
+            let (base, start) = (m.as_ptr() as usize, bytes.as_ptr() as usize);
+            if start >= base
+                && start + bytes.len() <= base + m.len()
+                && file.read_exact_at(out, (start - base) as u64).is_ok()
+            {
+                return;
+            }
+        }
+        out.copy_from_slice(bytes);
     }
 
     pub fn path(&self) -> &Path {

@@ -130,6 +130,9 @@ pub struct Model {
     output_norm: Vec<f32>,
     /// `None`: the head is the token embedding.
     output: Option<QMatrix>,
+    /// The embedding's file pages were handed back (a tied head re-quantized by `--head-type`): its rows are read
+    /// from the file, not the mapping, so lookups do not bring the old head back into memory.
+    embd_released: bool,
     rope_freqs: Option<Vec<f32>>,
 }
 
@@ -255,7 +258,7 @@ impl Model {
             None
         };
         let rope_freqs = l.opt_vector("rope_freqs.weight", cfg.rope_dim / 2)?;
-        Ok(Model { cfg, file: f, tok_embd, layers, output_norm, output, rope_freqs })
+        Ok(Model { cfg, file: f, tok_embd, layers, output_norm, output, rope_freqs, embd_released: false })
     }
 
     /// Switches TQ1_0 / TQ2_0 projections to BitNet's per-token int8 activations (the semantics the model was
@@ -310,10 +313,23 @@ impl Model {
             let rb = head.row_bytes();
             self.file.release_pages(&head.bytes()[r0 * rb..r1 * rb]);
         });
+        // (I2_S rows may be padded in memory; such an embedding keeps the mapped path.)
+        self.embd_released |= self.output.is_none() && self.tok_embd.ty() != GgmlType::I2_S;
         self.output = Some(
             QMatrix::new(ty, WeightBytes::owned(data), rows, cols).map_err(|e| anyhow::anyhow!("output head: {e}"))?,
         );
         Ok(())
+    }
+
+    fn embed(&self, token: usize, out: &mut [f32]) {
+        if !self.embd_released {
+            return self.tok_embd.dequantize_row(token, out);
+        }
+        let row = self.tok_embd.row(token);
+        let mut bytes = vec![0u8; row.len()];
+        self.file.read_unmapped(row, &mut bytes);
+        ternlm_kernels::scalar::dequantize_row(self.tok_embd.ty(), &bytes, out, self.tok_embd.scale)
+            .expect("type checked at load");
     }
 
     pub fn head(&self) -> &QMatrix {
@@ -368,7 +384,7 @@ impl Model {
 
         let mut x = vec![0f32; n * d];
         for (t, bt) in batch.iter().enumerate() {
-            self.tok_embd.dequantize_row(bt.token as usize, &mut x[t * d..(t + 1) * d]);
+            self.embed(bt.token as usize, &mut x[t * d..(t + 1) * d]);
         }
         let rope: Vec<Vec<(f32, f32)>> = batch
             .iter()
