@@ -1,5 +1,6 @@
 //! `GgufFile::release_pages` drops a tensor's pages from the resident set and the bytes read afterwards are the
-//! same; `GgufFile::read_unmapped` reads them without mapping them back. Its own test binary (one test), so no other test maps files while the resident set is measured.
+//! same; `GgufFile::read_unmapped` reads them without mapping them back. Its own test binary (one test), so no
+//! other test maps files while the resident set is measured.
 
 use ternlm_gguf::{GgmlType, GgufFile, GgufWriter};
 

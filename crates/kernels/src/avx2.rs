@@ -224,6 +224,8 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
     let scales = _mm_loadu_si128(w.add(192) as *const __m128i);
+    // pshufb indices 2j for the low eight int16 lanes, 2j + 1 for the high eight (added to 2j below).
+    let low_high = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = _mm256_setzero_si256();
     for h in 0..2 {
         let qa = ld(w.add(64 * h));
@@ -242,24 +244,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
         for (i, v) in vals.into_iter().enumerate() {
             // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values.
             let j = (4 * h + i) as i8;
-            let pick = _mm_setr_epi8(
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-                2 * j + 1,
-            );
+            let pick = _mm_add_epi8(_mm_set1_epi8(2 * j), low_high);
             let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
             let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));

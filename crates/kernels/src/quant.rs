@@ -181,8 +181,9 @@ const NEAREST_MAGIC: f32 = 12582912.0;
 ///
 /// Bit-exact with llama.cpp as built with FMA (`-march=native`, GCC's default contraction), which fuses the code
 /// rounding (`iscale*x + magic`) and the two running sums here but not the sub-scale rounding in the caller
-/// (tests/q6_k_quantizer.rs holds us to llama.cpp's bytes); each sub-block's sums run in index order. The sub-blocks are the vector lanes
-/// (values transposed), so the search vectorizes without changing any sub-block's arithmetic.
+/// (tests/q6_k_quantizer.rs holds us to llama.cpp's bytes); each sub-block's sums run in index order. The
+/// sub-blocks are the vector lanes (values transposed), so the search vectorizes without changing any sub-block's
+/// arithmetic.
 #[inline(always)]
 fn q6_k_sub_scales(x: &[f32]) -> [f32; 16] {
     const NMAX: f32 = 32.0;
@@ -238,7 +239,7 @@ pub fn quantize_q6_k(src: &[f32]) -> Vec<u8> {
         unsafe fn avx2(src: &[f32]) -> Vec<u8> {
             quantize_q6_k_impl(src)
         }
-        // SAFETY: AVX2 was detected just above.
+        // SAFETY: AVX2 and FMA were detected just above.
         return unsafe { avx2(src) };
     }
     quantize_q6_k_impl(src)
