@@ -13,7 +13,7 @@ use half::f16;
 use std::path::Path;
 use std::sync::Arc;
 use ternlm_gguf::{GgmlType, GgufFile};
-use ternlm_kernels::attn::{axpy_f16, dot_f16_f32, mad_f16, scale_f16};
+use ternlm_kernels::attn::{dot_f16_f32, mad_f16, scale_f16, scores_f16, weighted_sum_f16};
 use ternlm_kernels::dot::Backend;
 use ternlm_kernels::matmul::WeightBytes;
 use ternlm_kernels::{ActType, Disjoint, QMatrix, QuantizedActs, ThreadPool};
@@ -510,26 +510,34 @@ impl Model {
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let dst = Disjoint::new(out);
-        let n_tasks = batch.len() * cfg.n_head;
-        pool.run(n_tasks, &|task| {
-            let (t, h) = (task / cfg.n_head, task % cfg.n_head);
+        // Plain attention takes the query heads that share a KV head together (each key and value row is then
+        // converted once for all of them) when that still leaves every thread several tasks; decode keeps one
+        // task per head so two threads split its few heads evenly.
+        let per_task = match cfg.attention {
+            AttentionNumerics::F32Probs if batch.len() * cfg.n_head_kv >= 4 * pool.n_threads() => group,
+            _ => 1,
+        };
+        let tasks_per_token = cfg.n_head / per_task;
+        pool.run(batch.len() * tasks_per_token, &|task| {
+            let (t, h) = (task / tasks_per_token, task % tasks_per_token * per_task);
             let bt = batch[t];
             let (kc, vc) = kv.layer(bt.seq, layer);
             let kvh = h / group;
             let qh: Vec<f32> =
-                q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+                q[t * qd + h * hd..t * qd + (h + per_task) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
             let k_at = |p: usize| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
             let v_at = |p: usize| &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            // SAFETY: task (t, h) writes only head h of token t.
-            let o = unsafe { dst.slice(t * qd + h * hd, hd) };
+            // SAFETY: task (t, h) writes only heads h..h + per_task of token t.
+            let o = unsafe { dst.slice(t * qd + h * hd, per_task * hd) };
             match cfg.attention {
                 AttentionNumerics::F32Probs => {
-                    let mut p: Vec<f32> = (0..=bt.pos).map(|j| dot_f16_f32(k_at(j), &qh) * scale).collect();
-                    ops::softmax(&mut p);
-                    o.fill(0.0);
-                    for (j, &w) in p.iter().enumerate() {
-                        axpy_f16(o, w, v_at(j));
+                    let n = bt.pos + 1;
+                    let mut p = vec![0f32; per_task * n];
+                    scores_f16(&kc[kvh * hd..], kvd, n, &qh, hd, scale, &mut p);
+                    for p in p.chunks_exact_mut(n) {
+                        ops::softmax(p);
                     }
+                    weighted_sum_f16(&vc[kvh * hd..], kvd, n, &p, hd, o);
                 }
                 AttentionNumerics::FlashF16 => {
                     let mut acc = vec![f16::ZERO; hd];
