@@ -29,7 +29,10 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        // e^d rounds to +0 below ln(2^-150) ≈ -103.97; libm reaches that answer through its slow underflow
+        // path (errno), which long prompts over random-weight models hit for most keys. Same result, no call.
+        let d = *v - max;
+        *v = if d < -104.0 { 0.0 } else { d.exp() };
         sum += *v as f64;
     }
     let inv = (1.0 / sum) as f32;
@@ -95,6 +98,24 @@ mod tests {
         // Pair 0 of the NeoX layout rotates (x0, x4) by θ0 = pos.
         let t = 7.0f32;
         assert!((x[0] - (1.0 * t.cos() - 5.0 * t.sin())).abs() < 1e-5);
+    }
+
+    /// The softmax skips `exp` below -104 because every such argument rounds to +0; hold libm to that.
+    #[test]
+    fn exp_underflow_cutoff_is_exact() {
+        let mut d = -104.0f32;
+        while d > -300.0 {
+            assert_eq!(d.exp().to_bits(), 0, "e^{d} is not +0");
+            d = f32::from_bits(d.to_bits() + 997); // walk down through many magnitudes
+        }
+        assert!((-103.9f32).exp() > 0.0);
+        let mut x = [0.0f32, -103.99, -104.5, -1e30, f32::NEG_INFINITY];
+        let want: Vec<f32> = x.iter().map(|v| v.exp()).collect();
+        softmax(&mut x);
+        let sum: f64 = want.iter().map(|&v| v as f64).sum();
+        for (a, w) in x.iter().zip(&want) {
+            assert_eq!(a.to_bits(), (w * (1.0 / sum) as f32).to_bits());
+        }
     }
 
     #[test]
