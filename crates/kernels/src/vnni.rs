@@ -44,6 +44,34 @@ pub(crate) unsafe fn i2s_dot<L: Lanes>(w: &[u8], a: &[u8], k: usize, scale: f32)
     epi_i2s(a, k, sum, scale)
 }
 
+/// Four-token twin of [`i2s_dot`] for prompts: each block's codes are extracted once and multiplied into four
+/// activation rows. Per token, the same exact integer sum and the shared epilogue, so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn i2s_dot4<L: Lanes>(w: &[u8], a: [&[u8]; 4], k: usize, scale: f32) -> [f32; 4] {
+    let nb = k / 128;
+    let mut acc = [L::zero(); 4];
+    let mut b = 0;
+    while b + L::BLOCKS <= nb {
+        let q = L::load_weights(&w[32 * b..]);
+        for (g, shift) in [6u32, 4, 2, 0].into_iter().enumerate() {
+            let c = q.codes(shift);
+            for (acc, a) in acc.iter_mut().zip(a) {
+                *acc = L::dpbusd(*acc, c, L::load_acts(&a[128 * b..], g));
+            }
+        }
+        b += L::BLOCKS;
+    }
+    let mut out = [0f32; 4];
+    for ((out, acc), a) in out.iter_mut().zip(acc).zip(a) {
+        let mut sum = acc.hsum();
+        for b in b..nb {
+            sum += isum_i2s(&w[32 * b..], &a[128 * b..]);
+        }
+        *out = epi_i2s(a, k, sum, scale);
+    }
+    out
+}
+
 /// Byte-exact emulation of a 256-bit register (one I2_S block per vector).
 #[cfg(test)]
 #[derive(Clone, Copy)]
@@ -187,6 +215,49 @@ pub(crate) mod x86 {
         super::i2s_dot::<Avx512Vnni>(w, a, k, s)
     }
 
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    unsafe fn dot4_avxvnni(w: &[u8], a: [&[u8]; 4], k: usize, s: f32) -> [f32; 4] {
+        super::i2s_dot4::<AvxVnni>(w, a, k, s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    unsafe fn dot4_avx512vnni(w: &[u8], a: [&[u8]; 4], k: usize, s: f32) -> [f32; 4] {
+        super::i2s_dot4::<Avx512Vnni>(w, a, k, s)
+    }
+
+    /// Which VNNI flavour this CPU has (with the AVX2/FMA/F16C base the rest of the kernels need).
+    fn flavour() -> Option<u32> {
+        let base =
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        if base
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            Some(512)
+        } else if base && is_x86_feature_detected!("avxvnni") {
+            Some(256)
+        } else {
+            None
+        }
+    }
+
+    /// The best VNNI four-token dot (prompts) for clean I2_S tensors on this CPU, if it has one.
+    pub(crate) fn i2s_row_dot4() -> Option<crate::dot::RowDot4> {
+        fn f512(w: &[u8], a: [&[u8]; 4], k: usize, s: f32) -> [f32; 4] {
+            // SAFETY: returned only after the features were detected (`flavour`).
+            unsafe { dot4_avx512vnni(w, a, k, s) }
+        }
+        fn f256(w: &[u8], a: [&[u8]; 4], k: usize, s: f32) -> [f32; 4] {
+            // SAFETY: as above.
+            unsafe { dot4_avxvnni(w, a, k, s) }
+        }
+        match flavour()? {
+            512 => Some(f512),
+            _ => Some(f256),
+        }
+    }
+
     /// The best VNNI row dot for clean I2_S tensors on this CPU, if it has one.
     pub(crate) fn i2s_row_dot() -> Option<crate::dot::RowDot> {
         fn f512(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
@@ -197,18 +268,9 @@ pub(crate) mod x86 {
             // SAFETY: as above.
             unsafe { dot_avxvnni(w, a, k, s) }
         }
-        let base =
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-        if base
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-        {
-            Some(f512)
-        } else if base && is_x86_feature_detected!("avxvnni") {
-            Some(f256)
-        } else {
-            None
+        match flavour()? {
+            512 => Some(f512),
+            _ => Some(f256),
         }
     }
 }
@@ -258,6 +320,25 @@ mod tests {
                     unsafe { (i2s_dot::<Emu32>(&packed, a, k, scale), i2s_dot::<Emu64>(&packed, a, k, scale)) };
                 assert_eq!(e32.to_bits(), want.to_bits(), "k={k} 256-bit");
                 assert_eq!(e64.to_bits(), want.to_bits(), "k={k} 512-bit");
+                // Four tokens: this row and three others (a reversed, a negated and a shifted copy).
+                let others: Vec<Vec<f32>> = vec![
+                    x.iter().rev().copied().collect(),
+                    x.iter().map(|v| -v).collect(),
+                    x.iter().map(|v| v * 0.5 + 0.25).collect(),
+                ];
+                let qs: Vec<QuantizedActs> =
+                    others.iter().map(|o| QuantizedActs::quantize(ActType::I8PerToken, o, k)).collect();
+                let rows = [a, qs[0].row(0), qs[1].row(0), qs[2].row(0)];
+                let want4 = rows.map(|r| dot_row(GgmlType::I2_S, &packed[..k / 4], r, k, scale).unwrap().to_bits());
+                // SAFETY: as above.
+                let (f32s, f64s) =
+                    unsafe { (i2s_dot4::<Emu32>(&packed, rows, k, scale), i2s_dot4::<Emu64>(&packed, rows, k, scale)) };
+                assert_eq!(f32s.map(f32::to_bits), want4, "k={k} 256-bit, four tokens");
+                assert_eq!(f64s.map(f32::to_bits), want4, "k={k} 512-bit, four tokens");
+                #[cfg(target_arch = "x86_64")]
+                if let Some(real) = x86::i2s_row_dot4() {
+                    assert_eq!(real(&packed, rows, k, scale).map(f32::to_bits), want4, "k={k} real VNNI, four tokens");
+                }
                 #[cfg(target_arch = "x86_64")]
                 if let Some(real) = x86::i2s_row_dot() {
                     assert_eq!(real(&packed, a, k, scale).to_bits(), want.to_bits(), "k={k} real VNNI");
