@@ -1,6 +1,6 @@
 //! `cargo bench -p ternlm-kernels`: the matmul kernels on a 2B4T-shaped projection (ffn_up, 6912×2560), for every
-//! weight type the engine streams, on the scalar reference and on the SIMD backend, one token (decode) and a batch
-//! (prompt). Std only (no criterion: it would double the dev build on 2 cores); each case prints the median and
+//! weight type the engine streams (TQ types with both activation formats), on the scalar reference and on the SIMD
+//! backend, one token (decode) and a batch (prompt). Std only (no criterion: it would double the dev build on 2 cores); each case prints the median and
 //! spread of its repetitions, and decode cases the weight bytes streamed per second.
 //!
 //! Decode cycles through enough copies of the matrix to exceed the last-level cache, so it measures what a real
@@ -81,14 +81,18 @@ fn main() {
             .and_then(|v| v.parse::<usize>().ok())
             .map_or(STREAM_BYTES, |m| m << 20);
         let copies = stream.div_ceil(bytes.len()).max(1);
-        for &backend in &backends {
+        // TQ files run with llama.cpp's per-block Q8_K activations by default and with BitNet's per-token int8
+        // under `--tq-acts per-token`; both are timed (the latter named `…-pt`).
+        let act_modes: &[bool] =
+            if matches!(ty, GgmlType::TQ1_0 | GgmlType::TQ2_0) { &[false, true] } else { &[false] };
+        for (&backend, &per_token) in backends.iter().flat_map(|b| act_modes.iter().map(move |p| (b, p))) {
             let mats: Vec<QMatrix> = (0..copies)
                 .map(|_| {
                     // Copies of the bytes, so each matrix lives at its own addresses and decode streams from DRAM.
                     let own = WeightBytes::owned(bytes.as_slice().to_vec());
                     let mut m = QMatrix::with_backend(ty, own, ROWS, COLS, backend).expect("valid matrix");
-                    if matches!(ty, GgmlType::TQ1_0 | GgmlType::TQ2_0) {
-                        m.use_per_token_acts(); // BitNet's per-token int8, as the engine runs ternary TQ files
+                    if per_token {
+                        m.use_per_token_acts();
                     }
                     if ty == GgmlType::F16 {
                         m.use_f32_activations();
@@ -98,8 +102,9 @@ fn main() {
                 .collect();
             for n_tok in [1usize, 128] {
                 let name = format!(
-                    "{}/{:?}/{}",
+                    "{}{}/{:?}/{}",
                     ty.to_string().to_lowercase(),
+                    if per_token { "-pt" } else { "" },
                     backend,
                     if n_tok == 1 { "decode".into() } else { format!("pp{n_tok}") }
                 );
