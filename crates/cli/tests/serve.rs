@@ -259,8 +259,12 @@ fn bad_requests_get_the_right_status_and_an_openai_error_body() {
     let (s, text) = server.http("GET", "/health", &[], b"");
     assert_eq!((s, json(&text)["status"].as_str()), (200, Some("ok")));
 
-    // One slot and a queue of one: a third concurrent request is refused with 429.
-    let long_gen = r#"{"prompt":"Once upon a time","max_tokens":200,"ignore_eos":true,"stream":true,"temperature":0}"#;
+    // One slot and a queue of one: a third concurrent request is refused with 429. The two long generations must
+    // still be running when the third arrives, whatever the machine's speed: a server with room for 1,800 tokens
+    // (200 finished within the test's polling on a fast run and let the third in); dropping them ends them early.
+    drop(server);
+    let server = Server::start(&["-P", "1", "-c", "2048", "--api-key", "sekrit", "--max-queue", "1"]);
+    let long_gen = r#"{"prompt":"Once upon a time","max_tokens":1800,"ignore_eos":true,"stream":true,"temperature":0}"#;
     let a = server.send("POST", "/v1/completions", &key, long_gen.as_bytes());
     server.wait_metric("ternlm_slots_active", |v| v == 1.0);
     let b = server.send("POST", "/v1/completions", &key, long_gen.as_bytes());
