@@ -104,6 +104,10 @@ pub struct ModelArgs {
     /// Re-quantize the output head at load: q8_0, q6_k or f16 (default: as stored in the file)
     #[arg(long)]
     pub head_type: Option<String>,
+    /// Copy the model into memory (transparent huge pages where the OS allows) instead of mapping the file: a few
+    /// percent faster generation; the whole file stays resident (--head-type keeps the old head's pages)
+    #[arg(long)]
+    pub no_mmap: bool,
 }
 
 /// `-m HF_DIR`: converts a Hugging Face model directory in memory (I2_S for BitNet and packed checkpoints, F16
@@ -126,6 +130,11 @@ fn convert_in_memory(dir: &std::path::Path) -> Result<GgufFile> {
     Ok(GgufFile::from_bytes(dir, bytes)?)
 }
 
+/// Opens a GGUF model file: mapped, or copied into memory with `--no-mmap`.
+pub fn open_model(path: &std::path::Path, no_mmap: bool) -> Result<GgufFile> {
+    Ok(if no_mmap { GgufFile::open_resident(path)? } else { GgufFile::open(path)? })
+}
+
 /// `--head-type NAME`: re-quantize the output head in memory.
 pub fn apply_head_type(model: &mut Model, name: &str, pool: &ThreadPool) -> Result<()> {
     let ty = ternlm_gguf::GgmlType::from_name(name).with_context(|| format!("unknown --head-type '{name}'"))?;
@@ -141,8 +150,11 @@ pub struct Loaded {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Loaded> {
-        let file =
-            Arc::new(if self.model.is_dir() { convert_in_memory(&self.model)? } else { GgufFile::open(&self.model)? });
+        let file = Arc::new(if self.model.is_dir() {
+            convert_in_memory(&self.model)?
+        } else {
+            open_model(&self.model, self.no_mmap)?
+        });
         let tok = Tokenizer::from_gguf(&file, self.pre.as_deref())?;
         let mut model = Model::from_gguf(file)?;
         match self.tq_acts.as_str() {

@@ -82,6 +82,39 @@ fn round_trip_every_value_type_and_tensor() {
     assert_eq!(w.to_bytes(), bytes);
 }
 
+/// `open_resident` (the file copied into anonymous memory) reads what `open` maps: the same metadata and tensor
+/// bytes; releasing pages there changes nothing; an empty or truncated file is the same clear error.
+#[test]
+fn resident_copy_equals_the_mapping() {
+    let bytes = sample_file();
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("ternlm-resident-{}.gguf", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let (mapped, resident) = (GgufFile::open(&path).unwrap(), GgufFile::open_resident(&path).unwrap());
+    assert_eq!(mapped.metadata(), resident.metadata());
+    let names = |f: &GgufFile| f.tensors().iter().map(|t| (t.name.clone(), t.offset, t.size)).collect::<Vec<_>>();
+    assert_eq!(names(&mapped), names(&resident));
+    for t in resident.tensors() {
+        let data = resident.tensor_data(t);
+        assert_eq!(data, mapped.tensor_data(t), "{}", t.name);
+        resident.release_pages(data);
+        let mut copy = vec![0u8; data.len()];
+        resident.read_unmapped(data, &mut copy);
+        assert_eq!(copy, mapped.tensor_data(t), "{} after release", t.name);
+        assert_eq!(resident.tensor_data(t), mapped.tensor_data(t), "{} after release", t.name);
+    }
+    for cut in [0, 3, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let (a, b) = (GgufFile::open(&path).err(), GgufFile::open_resident(&path).err());
+        let (a, b) = (a.map(|e| e.to_string()), b.map(|e| e.to_string()));
+        assert!(b.is_some(), "truncated to {cut}: resident open accepted it");
+        if cut > 0 {
+            assert_eq!(a, b, "truncated to {cut}");
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Files written by llama.cpp's and bitnet.cpp's own tools come back byte for byte from our reader + writer.
 #[test]
 fn rewrites_reference_files_byte_identically() {

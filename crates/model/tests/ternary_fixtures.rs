@@ -167,3 +167,31 @@ fn quantized_heads_stay_close_to_reference() {
     assert!(err[0] < err[1], "Q8_0 head error {} should be below Q6_K's {}", err[0], err[1]);
     eprintln!("BOS logit error: Q8_0 head {:.2e}, Q6_K head {:.2e} (scale {scale:.2})", err[0], err[1]);
 }
+
+/// `--no-mmap` (`GgufFile::open_resident`): the model reads the same bytes, so a prompt's logits are the same bits
+/// as from the mapped file, also after `--head-type` re-quantizes the tied head (which releases pages only when
+/// mapped, and looks embeddings up through the file).
+#[test]
+fn resident_file_gives_the_mapped_logits() {
+    let pool = ThreadPool::new(2);
+    let path = dir().join("tiny-bitnet-i2s.gguf");
+    for head in [None, Some(ternlm_gguf::GgmlType::Q6_K)] {
+        let logits = |f: GgufFile| {
+            let f = Arc::new(f);
+            let tok = Tokenizer::from_gguf(&f, None).unwrap();
+            let mut model = Model::from_gguf(f).unwrap();
+            if let Some(ty) = head {
+                model.requantize_head(ty, &pool).unwrap();
+            }
+            let ids = tok.encode("Once upon a time there", true, true);
+            let batch: Vec<BatchToken> =
+                ids.iter().enumerate().map(|(i, &t)| BatchToken { token: t, pos: i, seq: 0, logits: true }).collect();
+            let mut kv = model.new_kv_cache(16, 1);
+            model.forward(&batch, &mut kv, &pool).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+        };
+        let (mapped, resident) =
+            (logits(GgufFile::open(&path).unwrap()), logits(GgufFile::open_resident(&path).unwrap()));
+        assert!(mapped.len() > 1000);
+        assert!(mapped == resident, "{head:?} head: resident logits differ from mapped");
+    }
+}
