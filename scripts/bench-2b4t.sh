@@ -6,6 +6,7 @@
 #   scripts/bench-2b4t.sh                      # all configurations, 5 repetitions, 2 threads
 #   REPS=3 PP=128 TG=64 scripts/bench-2b4t.sh  # quicker
 #   CONFIGS="i2_s:q8_0" scripts/bench-2b4t.sh  # one configuration
+#   NO_MMAP=1 scripts/bench-2b4t.sh            # weights copied into huge-page memory (--no-mmap), JSON as *-nommap.json
 #
 # Needs a release build (cargo build --release) and ~4 GB of free disk in $DIR.
 set -euo pipefail
@@ -29,23 +30,26 @@ done
 CONFIGS=${CONFIGS:-"i2_s:f16 i2_s:q8_0 i2_s:q6_k tq2_0:f16 tq2_0:q6_k tq1_0:f16 tq1_0:q6_k"}
 configs=()
 for c in $CONFIGS; do configs+=("${c/:/ }"); done
+SUFFIX=""
+[ "${NO_MMAP:-0}" = 1 ] && SUFFIX="-nommap"
 for c in "${configs[@]}"; do
     set -- $c
     head_args=()
     [ "$2" = f16 ] || head_args=(--head-type "$2")
-    out="$DIR/$1-$2.json"
-    echo "== $1, $2 head" >&2
+    [ "${NO_MMAP:-0}" = 1 ] && head_args+=(--no-mmap)
+    out="$DIR/$1-$2$SUFFIX.json"
+    echo "== $1, $2 head${SUFFIX:+ (--no-mmap)}" >&2
     "$BIN" bench -m "$DIR/2b4t-$1.gguf" "${head_args[@]}" -p "$PP" -n "$TG" -t "$THREADS" -r "$REPS" --json >"$out"
 done
 
-python3 - "$DIR" "${configs[@]}" <<'EOF'
+python3 - "$DIR" "$SUFFIX" "${configs[@]}" <<'EOF'
 import json, sys
-d, configs = sys.argv[1], sys.argv[2:]
+d, suffix, configs = sys.argv[1], sys.argv[2], sys.argv[3:]
 print("| weights | head | test | median t/s | mean ± sd | GB/s | % of probe | peak RSS GB | file GB |")
 print("|---|---|---|---:|---:|---:|---:|---:|---:|")
 for c in configs:
     ty, head = c.split()
-    for r in json.load(open(f"{d}/{ty}-{head}.json")):
+    for r in json.load(open(f"{d}/{ty}-{head}{suffix}.json")):
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
         gbps = f"{r['achieved_gbps']:.1f}" if r.get("achieved_gbps") else "-"
         pct = f"{r['roofline_pct']:.0f}%" if r.get("roofline_pct") else "-"
