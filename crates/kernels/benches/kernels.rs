@@ -1,7 +1,8 @@
 //! `cargo bench -p ternlm-kernels`: the matmul kernels on a 2B4T-shaped projection (ffn_up, 6912×2560), for every
 //! weight type the engine streams (TQ types with both activation formats), on the scalar reference and on the SIMD
-//! backend, one token (decode) and a batch (prompt). Std only (no criterion: it would double the dev build on 2 cores); each case prints the median and
-//! spread of its repetitions, and decode cases the weight bytes streamed per second.
+//! backend, one token (decode) and a batch (prompt). Std only (no criterion: it would double the dev build on 2
+//! cores); each case prints the median and spread of its repetitions, and decode cases the weight bytes streamed
+//! per second.
 //!
 //! Decode cycles through enough copies of the matrix to exceed the last-level cache, so it measures what a real
 //! model's token sees (weights from DRAM). `cargo bench -p ternlm-kernels -- i2_s` runs the cases whose name contains

@@ -130,17 +130,16 @@ unsafe fn dot_f16_f32_avx2(k: &[f16], q: &[f32]) -> f32 {
         acc = _mm256_fmadd_ps(kv, qv, acc);
         i += 8;
     }
-    let mut buf = [0f32; 8];
-    // SAFETY: buf has 8 floats.
-    unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), acc) };
-    let mut s: f32 = buf.iter().sum();
+    // SAFETY: AVX is enabled in this function.
+    let mut s = unsafe { sum_lanes_in_order(acc) };
     for j in i..n {
         s += k[j].to_f32() * q[j];
     }
     s
 }
 
-/// Sum of a vector's lanes in lane order, as `dot_f16_f32_avx2` finishes (`Iterator::sum` over the stored lanes).
+/// Sum of a vector's lanes in lane order (`Iterator::sum` over the stored lanes): how `dot_f16_f32_avx2` and the
+/// grouped scores finish, so both give the same bits.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn sum_lanes_in_order(v: std::arch::x86_64::__m256) -> f32 {
@@ -188,7 +187,7 @@ unsafe fn scores_f16_avx2<const G: usize>(
         }
         for (jj, acc) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
             for (h, a) in acc.iter().enumerate() {
-                // SAFETY: the caller's lanes hold the features this function was compiled for.
+                // SAFETY: AVX is enabled in this function.
                 out[h * n + j + jj] = unsafe { sum_lanes_in_order(*a) } * scale;
             }
         }
@@ -290,15 +289,19 @@ unsafe fn mad_f16_avx2(acc: &mut [f16], v: &[f16], w: f32) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn simd_equals_scalar() {
-        let mut s = 12345u32;
-        let mut rnd = || {
+    /// Uniform values in [-1, 1] from a xorshift32 stream.
+    fn uniform(mut s: u32) -> impl FnMut() -> f32 {
+        move || {
             s ^= s << 13;
             s ^= s >> 17;
             s ^= s << 5;
             (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        };
+        }
+    }
+
+    #[test]
+    fn simd_equals_scalar() {
+        let mut rnd = uniform(12345);
         for n in [1usize, 7, 8, 64, 129] {
             let k: Vec<f16> = (0..n).map(|_| f16::from_f32(rnd())).collect();
             let q: Vec<f32> = (0..n).map(|_| rnd()).collect();
@@ -324,13 +327,7 @@ mod tests {
     /// group size (the SIMD specialisations and the generic fallback), odd key counts and a padded stride.
     #[test]
     fn grouped_attention_equals_per_head_calls() {
-        let mut s = 777u32;
-        let mut rnd = || {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(777);
         for (g, hd, n) in [(1usize, 128usize, 7usize), (2, 64, 1), (3, 24, 5), (4, 128, 33), (8, 8, 2), (4, 40, 0)] {
             let stride = hd * 2 + 8;
             let rows: Vec<f16> = (0..n * stride + hd).map(|_| f16::from_f32(rnd())).collect();

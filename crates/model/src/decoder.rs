@@ -525,8 +525,6 @@ impl Model {
             let kvh = h / group;
             let qh: Vec<f32> =
                 q[t * qd + h * hd..t * qd + (h + per_task) * hd].iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-            let k_at = |p: usize| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
-            let v_at = |p: usize| &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
             // SAFETY: task (t, h) writes only heads h..h + per_task of token t.
             let o = unsafe { dst.slice(t * qd + h * hd, per_task * hd) };
             match cfg.attention {
@@ -540,6 +538,8 @@ impl Model {
                     weighted_sum_f16(&vc[kvh * hd..], kvd, n, &p, hd, o);
                 }
                 AttentionNumerics::FlashF16 => {
+                    let k_at = |p: usize| &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
+                    let v_at = |p: usize| &vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd];
                     let mut acc = vec![f16::ZERO; hd];
                     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
                     for j in 0..=bt.pos {
