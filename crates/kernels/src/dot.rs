@@ -9,6 +9,10 @@ pub type RowDot = fn(&[u8], &[u8], usize, f32) -> f32;
 /// One weight row against four activation rows at once (same results as four [`RowDot`] calls).
 pub type RowDot4 = fn(&[u8], [&[u8]; 4], usize, f32) -> [f32; 4];
 
+/// Four consecutive weight rows (the first at the slice's start, `row_bytes` apart) against one activation row
+/// (same results as four [`RowDot`] calls).
+pub type RowsDot4 = fn(&[u8], usize, &[u8], usize, f32) -> [f32; 4];
+
 /// A per-block integer kernel: (weight block, activation block) → (main sum, secondary sum such as Σ min·bsum).
 pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
 
@@ -41,6 +45,8 @@ pub struct Kernels {
     pub dot: RowDot,
     /// Multi-token kernel for batched products, where one exists.
     pub dot4: Option<RowDot4>,
+    /// Single-token kernel over four rows at once (decode), where one exists.
+    pub rows4: Option<RowsDot4>,
 }
 
 impl Kernels {
@@ -51,7 +57,7 @@ impl Kernels {
             Backend::Avx2 => (crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?), crate::avx2::row_dot4(ty)),
             _ => (scalar_dot(ty)?, None),
         };
-        Ok(Kernels { ty, act, backend, dot, dot4 })
+        Ok(Kernels { ty, act, backend, dot, dot4, rows4: None })
     }
 
     /// F16 weights dotted with f32 activations (bitnet.cpp's choice for its F16 output head), instead of ggml's
@@ -65,7 +71,7 @@ impl Kernels {
             Backend::Avx2 => crate::avx2::f16_f32_row_dot(),
             _ => scalar,
         };
-        Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None }
+        Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None, rows4: None }
     }
 
     /// TQ1_0 / TQ2_0 with BitNet's per-token int8 activations (the default for TQ types is llama.cpp's per-block
@@ -92,7 +98,7 @@ impl Kernels {
             ),
             _ => (scalar_fn, None),
         };
-        Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4 })
+        Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4, rows4: None })
     }
 }
 

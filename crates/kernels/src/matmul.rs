@@ -88,6 +88,11 @@ impl QMatrix {
                 // VNNI where the CPU has it (one instruction per 32 multiply-adds instead of maddubs + add). All exact.
                 kernels.dot = crate::vnni::x86::i2s_row_dot().unwrap_or(dot);
                 kernels.dot4 = Some(crate::vnni::x86::i2s_row_dot4().unwrap_or(dot4));
+                // Without VNNI, decode takes four rows per call (VNNI's single-row kernel is kept where it exists:
+                // it has not been timed against a four-row one).
+                if crate::vnni::x86::i2s_row_dot().is_none() {
+                    kernels.rows4 = Some(crate::avx2::i2s_clean_rows4());
+                }
             }
         }
         let row_bytes = ty.row_bytes(kcols);
@@ -216,7 +221,18 @@ impl QMatrix {
         }
         for tok in tok..n_tok {
             let a = x.row(tok);
-            for r in r0..r1 {
+            let mut r = r0;
+            if let Some(rows4) = self.kernels.rows4 {
+                while r + 4 <= r1 {
+                    let v = rows4(&w_all[r * rb..(r + 4) * rb], rb, a, self.kcols, self.scale);
+                    for (j, v) in v.into_iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { dst.write(tok * self.rows + r + j, v) };
+                    }
+                    r += 4;
+                }
+            }
+            for r in r..r1 {
                 let v = (self.kernels.dot)(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
                 // SAFETY: as above.
                 unsafe { dst.write(tok * self.rows + r, v) };
