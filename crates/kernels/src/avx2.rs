@@ -223,9 +223,9 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
-    let scales = _mm_loadu_si128(w.add(192) as *const __m128i);
-    // pshufb indices 2j for the low eight int16 lanes, 2j + 1 for the high eight (added to 2j below).
-    let low_high = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    // The sixteen int8 scales widened once; sub-blocks 0–7 then sit in the low 128 bits, 8–15 in the high.
+    let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i));
+    let halves = [_mm256_permute2x128_si256::<0x00>(s16, s16), _mm256_permute2x128_si256::<0x11>(s16, s16)];
     let mut acc = _mm256_setzero_si256();
     for h in 0..2 {
         let qa = ld(w.add(64 * h));
@@ -242,15 +242,49 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
             ),
         ];
         for (i, v) in vals.into_iter().enumerate() {
-            // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values.
-            let j = (4 * h + i) as i8;
-            let pick = _mm_add_epi8(_mm_set1_epi8(2 * j), low_high);
-            let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+            // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values: their int16 scales
+            // are lanes 2i and 2i+1 of `halves[h]`, spread over each 128-bit half by one in-lane byte shuffle.
+            let (b0, b1) = (4 * i as i8, 4 * i as i8 + 2);
+            let pick = _mm256_setr_epi8(
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b0,
+                b0 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+                b1,
+                b1 + 1,
+            );
+            let sc = _mm256_shuffle_epi8(halves[h], pick);
             let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
         }
     }
-    let offset = _mm256_madd_epi16(ld(a.add(260)), _mm256_cvtepi8_epi16(scales));
+    let offset = _mm256_madd_epi16(ld(a.add(260)), s16);
     _mm256_sub_epi32(acc, _mm256_slli_epi32(offset, 5))
 }
 
@@ -271,6 +305,61 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
         acc += epi_k(h16(w, 210 * b + 208), &a[292 * b..], isum);
     }
     acc
+}
+
+/// Sums of four rows' i32 lanes, as one vector (lane r = row r). Integer adds, so any order gives the same value.
+#[inline(always)]
+unsafe fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// The f16 at byte `off` of each of four rows `rb` apart, as f32 lanes (exact conversions).
+#[inline(always)]
+unsafe fn h16_rows4(w: *const u8, rb: usize, off: usize) -> __m128 {
+    let h = |r: usize| std::ptr::read_unaligned(w.add(r * rb + off) as *const u16) as i16;
+    _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
+}
+
+/// Q6_K, one Q8_K activation row, four consecutive rows at once (decode, e.g. a Q6_K output head). Each block's
+/// integer sum is `q6_k_block`'s; the four rows' sums are reduced together and each lane then takes the scalar
+/// epilogue's IEEE steps, `acc += (d_w · d_a) · isum` in block order, so every row equals [`dot_q6_k_avx2`].
+pub(crate) fn q6_k_rows4() -> crate::dot::RowsDot4 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows4(w: &[u8], rb: usize, a: &[u8], k: usize, _scale: f32) -> [f32; 4] {
+        let nb = k / 256;
+        assert!(
+            k.is_multiple_of(256) && rb >= 210 * nb && w.len() >= 3 * rb + 210 * nb && a.len() >= 292 * nb,
+            "Q6_K rows or Q8_K activation too short"
+        );
+        let (wp, ap) = (w.as_ptr(), a.as_ptr());
+        // The next group of four rows, one block step (4 × 210 bytes) per step, as in the I2_S four-row kernel.
+        let next = wp.wrapping_add(4 * rb);
+        let mut acc = _mm_setzero_ps();
+        for b in 0..nb {
+            for line in 0..14 {
+                _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(840 * b + 64 * line) as *const i8);
+            }
+            // SAFETY: block b of row r lies at r·rb + 210b, within the lengths asserted above; the activation
+            // block at 292b likewise.
+            let isum =
+                unsafe { hsum4_i32(std::array::from_fn(|r| q6_k_block(wp.add(r * rb + 210 * b), ap.add(292 * b)))) };
+            // SAFETY: as above (the f16 scales at byte 208 of each block; the Q8_K scale at the block's start).
+            let (dw, da) = unsafe {
+                (h16_rows4(wp.add(210 * b), rb, 208), std::ptr::read_unaligned(ap.add(292 * b) as *const f32))
+            };
+            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, _mm_set1_ps(da)), _mm_cvtepi32_ps(isum)));
+        }
+        let mut out = [0f32; 4];
+        // SAFETY: `out` holds four f32.
+        unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+        out
+    }
+    fn f(w: &[u8], rb: usize, a: &[u8], k: usize, s: f32) -> [f32; 4] {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { rows4(w, rb, a, k, s) }
+    }
+    f
 }
 
 /// Σ (t − 1)·q over one ternary block (trits 0..2 as eight 32-byte vectors) against a Q8_K activation block, as

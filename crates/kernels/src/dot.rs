@@ -57,7 +57,12 @@ impl Kernels {
             Backend::Avx2 => (crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?), crate::avx2::row_dot4(ty)),
             _ => (scalar_dot(ty)?, None),
         };
-        Ok(Kernels { ty, act, backend, dot, dot4, rows4: None })
+        let rows4 = match backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 if ty == GgmlType::Q6_K => Some(crate::avx2::q6_k_rows4()),
+            _ => None,
+        };
+        Ok(Kernels { ty, act, backend, dot, dot4, rows4 })
     }
 
     /// F16 weights dotted with f32 activations (bitnet.cpp's choice for its F16 output head), instead of ggml's
