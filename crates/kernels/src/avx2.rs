@@ -227,7 +227,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i));
     let halves = [_mm256_permute2x128_si256::<0x00>(s16, s16), _mm256_permute2x128_si256::<0x11>(s16, s16)];
     let mut acc = _mm256_setzero_si256();
-    for h in 0..2 {
+    for (h, half) in halves.into_iter().enumerate() {
         let qa = ld(w.add(64 * h));
         let qb = ld(w.add(64 * h + 32));
         let hb = ld(w.add(128 + 32 * h));
@@ -243,7 +243,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
         ];
         for (i, v) in vals.into_iter().enumerate() {
             // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values: their int16 scales
-            // are lanes 2i and 2i+1 of `halves[h]`, spread over each 128-bit half by one in-lane byte shuffle.
+            // are lanes 2i and 2i+1 of `half`, spread over each 128-bit half by one in-lane byte shuffle.
             let (b0, b1) = (4 * i as i8, 4 * i as i8 + 2);
             let pick = _mm256_setr_epi8(
                 b0,
@@ -279,7 +279,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
                 b1,
                 b1 + 1,
             );
-            let sc = _mm256_shuffle_epi8(halves[h], pick);
+            let sc = _mm256_shuffle_epi8(half, pick);
             let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
         }
@@ -428,6 +428,79 @@ unsafe fn dot_tq_q8k<const WB: usize, const DOFF: usize>(
         acc += epi_k(h16(w, WB * b + DOFF), &a[292 * b..], hsum_i32(block(b)));
     }
     acc
+}
+
+/// [`dot_tq_q8k`] for four consecutive rows (`rb` bytes apart) and one activation row: the activation block is
+/// loaded once for the four rows, and each block's four sums are reduced together and scaled as four f32 lanes,
+/// each lane taking the scalar epilogue's steps in block order (`acc += (d_w · d_a) · isum`), so every row equals
+/// the single-row kernel bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tq_q8k_rows4<const WB: usize, const DOFF: usize>(
+    w: &[u8],
+    rb: usize,
+    a: &[u8],
+    k: usize,
+    trits: impl Fn(&[u8]) -> [__m256i; 8],
+) -> [f32; 4] {
+    let nb = k / 256;
+    assert!(
+        k.is_multiple_of(256) && rb >= WB * nb && w.len() >= 3 * rb + WB * nb && a.len() >= 292 * nb,
+        "ternary rows or Q8_K activation too short"
+    );
+    let wp = w.as_ptr();
+    // The next four rows, 4·WB bytes per block step, as in the I2_S four-row kernel.
+    let next = wp.wrapping_add(4 * rb);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        for line in 0..(4 * WB).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(4 * WB * b + 64 * line) as *const i8);
+        }
+        let ab = &a[292 * b..292 * b + 292];
+        let mut p = [_mm256_setzero_si256(); 4];
+        for (r, p) in p.iter_mut().enumerate() {
+            // The eight activation vectors are the same for the four rows; the compiler keeps them in registers
+            // or L1 across this loop.
+            let t = trits(&w[r * rb + WB * b..r * rb + WB * b + WB]);
+            for (i, t) in t.into_iter().enumerate() {
+                *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(t, load(&ab[4 + 32 * i..])));
+            }
+        }
+        // As `tq_q8k_block`: subtract the sixteen partial sums of q (Σ(t − 1)·q = Σt·q − Σq), then widen.
+        let (bsums, ones) = (load(&ab[260..]), _mm256_set1_epi16(1));
+        let isum = hsum4_i32(p.map(|p| _mm256_madd_epi16(_mm256_sub_epi16(p, bsums), ones)));
+        // SAFETY: each row's block holds its f16 scale at DOFF (lengths asserted above).
+        let d_w = unsafe { h16_rows4(wp.add(WB * b), rb, DOFF) };
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(d_w, _mm_set1_ps(f32_at(ab, 0))), _mm_cvtepi32_ps(isum)));
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+/// TQ1_0 / TQ2_0 × Q8_K decode over four rows per call. Callers must have checked AVX2, FMA and F16C.
+pub(crate) fn tq_rows4(ty: GgmlType) -> Option<crate::dot::RowsDot4> {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tq1(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
+        tq_q8k_rows4::<54, 52>(w, rb, a, k, |b| tq1_0_trit_vecs(b))
+    }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tq2(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
+        tq_q8k_rows4::<66, 64>(w, rb, a, k, |b| tq2_0_trit_vecs(b))
+    }
+    fn f1(w: &[u8], rb: usize, a: &[u8], k: usize, _s: f32) -> [f32; 4] {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { tq1(w, rb, a, k) }
+    }
+    fn f2(w: &[u8], rb: usize, a: &[u8], k: usize, _s: f32) -> [f32; 4] {
+        // SAFETY: as above.
+        unsafe { tq2(w, rb, a, k) }
+    }
+    match ty {
+        GgmlType::TQ1_0 => Some(f1),
+        GgmlType::TQ2_0 => Some(f2),
+        _ => None,
+    }
 }
 
 // Closures inherit the target features of the function that defines them, so the block decoders inline.

@@ -60,6 +60,7 @@ impl Kernels {
         let rows4 = match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 if ty == GgmlType::Q6_K => Some(crate::avx2::q6_k_rows4()),
+            Backend::Avx2 => crate::avx2::tq_rows4(ty),
             _ => None,
         };
         Ok(Kernels { ty, act, backend, dot, dot4, rows4 })
