@@ -1,8 +1,9 @@
 //! `ternlm bench`: llama-bench-style measurements. For each thread count: prompt processing (one batch of
 //! `n_prompt` tokens from an empty cache) and generation (`n_gen` single-token decodes from an empty cache), each
 //! repeated, reported as mean ± stddev (llama-bench's fields) and median; plus load time, peak RSS, weight bytes read
-//! per generated token, the achieved read bandwidth, and the machine's own read bandwidth from a short probe, so
-//! every generation result states its share of the memory roofline.
+//! per generated token, the achieved read bandwidth, and the machine's own read bandwidth from a short probe taken
+//! before every generation repetition, so every generation result states its share of the memory roofline as
+//! measured at that moment.
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -50,6 +51,24 @@ struct Record {
     n_gen: usize,
     n_threads: usize,
     samples: Vec<f64>,
+    /// Generation only: the probed bandwidth just before each repetition (same order as `samples`).
+    probes: Vec<f64>,
+}
+
+impl Record {
+    /// Median over repetitions of each one's achieved bandwidth over the bandwidth probed just before it: the
+    /// machine's bandwidth drifts by ±10% within minutes here, so only ratios taken at the same moment are stable.
+    fn roofline_pct(&self, bytes_per_token: u64) -> Option<f64> {
+        (!self.probes.is_empty()).then(|| {
+            let r: Vec<f64> = self
+                .samples
+                .iter()
+                .zip(&self.probes)
+                .map(|(ts, p)| 100.0 * bytes_per_token as f64 * ts / 1e9 / p)
+                .collect();
+            median(&r)
+        })
+    }
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -76,32 +95,50 @@ fn peak_rss() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
-/// Read bandwidth in GB/s: every thread sums its share of a 512 MiB buffer; best of several passes.
-pub fn bandwidth_probe(pool: &ThreadPool) -> f64 {
-    let n = (512usize << 20) / 8;
-    let buf: Vec<u64> = (0..n as u64).collect();
-    let chunks = pool.n_threads() * 8;
-    let per = n.div_ceil(chunks);
-    let sink = std::sync::atomic::AtomicU64::new(0);
-    let mut best = 0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        pool.run(chunks, &|c| {
-            let s = &buf[(c * per).min(n)..((c + 1) * per).min(n)];
-            // Four independent sums keep the loop bound by loads, not by the add chain.
-            let mut acc = [0u64; 4];
-            for q in s.chunks_exact(4) {
-                for i in 0..4 {
-                    acc[i] = acc[i].wrapping_add(q[i]);
-                }
-            }
-            sink.fetch_add(acc.iter().fold(0, |a, b| a.wrapping_add(*b)), std::sync::atomic::Ordering::Relaxed);
-        });
-        best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    std::hint::black_box(sink.into_inner());
-    best
+/// The read-bandwidth probe: a buffer well past the last-level cache that every thread of a pool sums its share
+/// of. Generation reads each weight once per token, so `weight bytes per token × tokens/s` over the probe's
+/// figure is the share of the memory roofline a run reaches.
+pub struct BandwidthProbe {
+    buf: Vec<u64>,
 }
+
+impl BandwidthProbe {
+    /// 256 MiB: eight times this machine's 32 MiB L3, and short to read (~10 ms at 25 GB/s), so a probe can run
+    /// next to every generation repetition.
+    pub const BYTES: usize = 256 << 20;
+
+    pub fn new() -> Self {
+        BandwidthProbe { buf: (0..(Self::BYTES / 8) as u64).collect() }
+    }
+
+    /// GB/s, best of `passes` reads of the whole buffer.
+    pub fn measure(&self, pool: &ThreadPool, passes: usize) -> f64 {
+        let (buf, n) = (&self.buf, self.buf.len());
+        let chunks = pool.n_threads() * 8;
+        let per = n.div_ceil(chunks);
+        let sink = std::sync::atomic::AtomicU64::new(0);
+        let mut best = 0f64;
+        for _ in 0..passes {
+            let t = Instant::now();
+            pool.run(chunks, &|c| {
+                let s = &buf[(c * per).min(n)..((c + 1) * per).min(n)];
+                sink.fetch_add(ternlm_kernels::sum_u64(s), std::sync::atomic::Ordering::Relaxed);
+            });
+            best = best.max((n * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        std::hint::black_box(sink.into_inner());
+        best
+    }
+}
+
+impl Default for BandwidthProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Probe passes before each generation repetition (best of these is that repetition's roofline).
+const PROBE_PASSES: usize = 3;
 
 pub fn bench(a: BenchArgs) -> Result<()> {
     let t0 = Instant::now();
@@ -120,7 +157,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let max_ctx = a.n_prompt.iter().chain(&a.n_gen).copied().max().unwrap_or(1).max(1);
     let mut kv = model.new_kv_cache(max_ctx + 1, 1);
     let mut records = Vec::new();
-    let mut probes: Vec<(usize, Option<f64>)> = Vec::new();
+    // Resident for the whole run, so its bytes are subtracted from the peak RSS exactly.
+    let probe = (!a.no_probe).then(BandwidthProbe::new);
     for &threads in &a.threads {
         let pool = ThreadPool::new(threads.max(1));
         // A fixed pseudo-random token sequence (the content does not change the cost).
@@ -140,11 +178,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 model.forward(&batch, &mut kv, &pool)?;
                 samples.push(np as f64 / t.elapsed().as_secs_f64());
             }
-            records.push(Record { n_prompt: np, n_gen: 0, n_threads: threads, samples });
+            records.push(Record { n_prompt: np, n_gen: 0, n_threads: threads, samples, probes: Vec::new() });
         }
         for &ng in a.n_gen.iter().filter(|&&n| n > 0) {
-            let mut samples = Vec::new();
+            let (mut samples, mut probes) = (Vec::new(), Vec::new());
             for _ in 0..a.reps {
+                if let Some(p) = &probe {
+                    probes.push(p.measure(&pool, PROBE_PASSES));
+                }
                 kv.truncate(0, 0);
                 let t = Instant::now();
                 for (i, &tok) in tokens[..ng].iter().enumerate() {
@@ -152,25 +193,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 }
                 samples.push(ng as f64 / t.elapsed().as_secs_f64());
             }
-            records.push(Record { n_prompt: 0, n_gen: ng, n_threads: threads, samples });
+            records.push(Record { n_prompt: 0, n_gen: ng, n_threads: threads, samples, probes });
         }
     }
-    // Peak RSS before the probe, whose own buffer would otherwise count.
-    let rss = peak_rss();
-    for &threads in &a.threads {
-        let probe = if a.no_probe { None } else { Some(bandwidth_probe(&ThreadPool::new(threads.max(1)))) };
-        probes.push((threads, probe));
-    }
+    // The model's peak: the probe buffer was resident throughout, written in full.
+    let rss = peak_rss().map(|b| b.saturating_sub(if probe.is_some() { BandwidthProbe::BYTES as u64 } else { 0 }));
     let name = a.model.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
     let size = std::fs::metadata(&a.model).with_context(|| a.model.display().to_string())?.len();
-    let probe_for = |t: usize| probes.iter().find(|p| p.0 == t).and_then(|p| p.1);
     if a.json {
         let out: Vec<serde_json::Value> = records
             .iter()
             .map(|r| {
                 let (avg, sd) = mean_std(&r.samples);
                 let gbps = (r.n_gen > 0).then(|| bpt as f64 * median(&r.samples) / 1e9);
-                let probe = probe_for(r.n_threads);
+                let probe = (!r.probes.is_empty()).then(|| median(&r.probes));
                 serde_json::json!({
                     "model_filename": name,
                     "model_size": size,
@@ -187,7 +223,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "weight_bytes_per_token": bpt,
                     "achieved_gbps": gbps,
                     "probe_gbps": probe,
-                    "roofline_pct": gbps.zip(probe).map(|(g, p)| 100.0 * g / p),
+                    "probe_samples_gbps": r.probes,
+                    "roofline_pct": r.roofline_pct(bpt),
                 })
             })
             .collect();
@@ -202,24 +239,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         bpt as f64 / 1e9,
         rss.map_or("?".into(), |b| format!("{:.2} GB", b as f64 / 1e9))
     );
-    for (t, p) in &probes {
-        if let Some(p) = p {
-            println!("read bandwidth probe, {t} thread(s): {p:.1} GB/s");
-        }
-    }
-    println!("| threads | test | t/s (mean ± sd) | median t/s | GB/s | % of probe |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("| threads | test | t/s (mean ± sd) | median t/s | GB/s | probe GB/s (min..max) | % of probe |");
+    println!("|---:|---|---:|---:|---:|---:|---:|");
     for r in &records {
         let (avg, sd) = mean_std(&r.samples);
         let med = median(&r.samples);
         let test = if r.n_gen > 0 { format!("tg{}", r.n_gen) } else { format!("pp{}", r.n_prompt) };
-        let (gbps, pct) = if r.n_gen > 0 {
-            let g = bpt as f64 * med / 1e9;
-            (format!("{g:.1}"), probe_for(r.n_threads).map_or("-".into(), |p| format!("{:.0}%", 100.0 * g / p)))
+        let gbps = if r.n_gen > 0 { format!("{:.1}", bpt as f64 * med / 1e9) } else { "-".into() };
+        let probe = if r.probes.is_empty() {
+            "-".into()
         } else {
-            ("-".into(), "-".into())
+            let (lo, hi) = r.probes.iter().fold((f64::MAX, 0f64), |(l, h), &p| (l.min(p), h.max(p)));
+            format!("{:.1} ({lo:.1}..{hi:.1})", median(&r.probes))
         };
-        println!("| {} | {test} | {avg:.2} ± {sd:.2} | {med:.2} | {gbps} | {pct} |", r.n_threads);
+        let pct = r.roofline_pct(bpt).map_or("-".into(), |p| format!("{p:.0}%"));
+        println!("| {} | {test} | {avg:.2} ± {sd:.2} | {med:.2} | {gbps} | {probe} | {pct} |", r.n_threads);
     }
     Ok(())
 }
@@ -257,7 +291,7 @@ mod tests {
             threads: vec![1, 2],
             reps: 2,
             json: true,
-            no_probe: true,
+            no_probe: false,
             head_type: Some("f16".into()),
             no_mmap: true, // the resident load path end to end (mapped files are what every other test opens)
         };
@@ -265,9 +299,25 @@ mod tests {
         std::fs::remove_file(&path).ok();
     }
 
+    /// Each repetition is held against the probe taken just before it, and the median of those ratios is reported.
+    #[test]
+    fn roofline_pairs_each_repetition_with_its_probe() {
+        let r = Record {
+            n_prompt: 0,
+            n_gen: 8,
+            n_threads: 2,
+            samples: vec![10.0, 20.0, 30.0],
+            probes: vec![2.0, 5.0, 3.0],
+        };
+        // 1e8 bytes per token: 1, 2 and 3 GB/s against 2, 5 and 3 GB/s probed -> 50%, 40%, 100%.
+        assert!((r.roofline_pct(100_000_000).unwrap() - 50.0).abs() < 1e-9);
+        let pp = Record { n_prompt: 8, n_gen: 0, n_threads: 2, samples: vec![1.0], probes: vec![] };
+        assert_eq!(pp.roofline_pct(100_000_000), None);
+    }
+
     #[test]
     fn probe_measures_something() {
-        let g = bandwidth_probe(&ThreadPool::new(1));
+        let g = BandwidthProbe::new().measure(&ThreadPool::new(1), 1);
         assert!(g > 0.1 && g < 10_000.0, "{g}");
     }
 }

@@ -1239,3 +1239,23 @@ pub(crate) fn block_isum(ty: GgmlType) -> Option<crate::dot::BlockIsum> {
         _ => return None,
     })
 }
+
+/// Wrapping sum of `s` with 128-byte steps of four independent vector adds (see `crate::sum_u64`).
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn sum_u64_avx2(s: &[u64]) -> u64 {
+    let p = s.as_ptr();
+    let mut acc = [_mm256_setzero_si256(); 4];
+    let mut i = 0;
+    while i + 16 <= s.len() {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: elements i + 4j .. i + 4j + 4 lie below i + 16 <= len.
+            *acc = _mm256_add_epi64(*acc, unsafe { _mm256_loadu_si256(p.add(i + 4 * j) as *const __m256i) });
+        }
+        i += 16;
+    }
+    let v = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
+    let mut lanes = [0u64; 4];
+    // SAFETY: `lanes` holds 32 bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, v) };
+    lanes.iter().chain(&s[i..]).fold(0u64, |a, &b| a.wrapping_add(b))
+}
