@@ -19,7 +19,10 @@ pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Scalar,
+    /// x86-64 with AVX2, FMA and F16C: every integer format has a SIMD kernel.
     Avx2,
+    /// AArch64: I2_S has a NEON kernel (`sdot` where available); other formats run on the scalar reference.
+    Neon,
 }
 
 impl Backend {
@@ -31,6 +34,10 @@ impl Backend {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
             return Backend::Avx2;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Backend::Neon;
         }
         Backend::Scalar
     }
@@ -55,11 +62,14 @@ impl Kernels {
         let (dot, dot4) = match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => (crate::avx2::row_dot(ty).unwrap_or(scalar_dot(ty)?), crate::avx2::row_dot4(ty)),
+            #[cfg(target_arch = "aarch64")]
+            Backend::Neon if ty == GgmlType::I2_S => (crate::neon::i2s_row_dot(), None),
             _ => (scalar_dot(ty)?, None),
         };
         let rows4 = match backend {
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 if ty == GgmlType::Q6_K => Some(crate::avx2::q6_k_rows4()),
+            #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => crate::avx2::tq_rows4(ty),
             _ => None,
         };

@@ -14,9 +14,12 @@ pub mod attn;
 mod avx2;
 pub mod dot;
 pub mod matmul;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod pool;
 pub mod quant;
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
 mod vnni;
 
 pub use act::{ActType, QuantizedActs};

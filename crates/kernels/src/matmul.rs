@@ -60,6 +60,8 @@ impl QMatrix {
         cols: usize,
         backend: Backend,
     ) -> Result<QMatrix, String> {
+        // Mutated only where x86 kernels are swapped in below.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut kernels = Kernels::new(ty, backend).map_err(|e: UnsupportedType| e.to_string())?;
         let block = ty.block_size().max(kernels.act.block());
         let ragged_i2s = ty == GgmlType::I2_S && !cols.is_multiple_of(block);

@@ -94,8 +94,11 @@ fn exact(codes: &[u8], q: &[u8], k: usize, w_scale: f32) -> f32 {
 #[test]
 fn i2s_adversarial_and_random_shapes_are_exact() {
     let pool = ThreadPool::new(2);
-    let backends: Vec<Backend> =
-        if Backend::detect() == Backend::Avx2 { vec![Backend::Scalar, Backend::Avx2] } else { vec![Backend::Scalar] };
+    let backends: Vec<Backend> = if Backend::detect() != Backend::Scalar {
+        vec![Backend::Scalar, Backend::detect()]
+    } else {
+        vec![Backend::Scalar]
+    };
     let mut rnd = lcg(99);
     // (rows, k, pattern): 0 = random codes, 1 = all +1 with acts all +max (sums far beyond int16), 2 = all -1 with
     // alternating ±max acts, 3 = all-zero rows. Row counts of 4 and more go through the four-row decode kernel
