@@ -226,6 +226,11 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     // The sixteen int8 scales widened once; sub-blocks 0–7 then sit in the low 128 bits, 8–15 in the high.
     let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i));
     let halves = [_mm256_permute2x128_si256::<0x00>(s16, s16), _mm256_permute2x128_si256::<0x11>(s16, s16)];
+    // Byte indices of int16 lane 0 repeated over the low 128 bits and of lane 1 over the high; + 4i picks lanes 2i
+    // and 2i+1.
+    let pick_pair = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+    );
     let mut acc = _mm256_setzero_si256();
     for (h, half) in halves.into_iter().enumerate() {
         let qa = ld(w.add(64 * h));
@@ -244,41 +249,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
         for (i, v) in vals.into_iter().enumerate() {
             // Sub-blocks 2j and 2j+1 (j = 4h + i) cover this vector's low and high 16 values: their int16 scales
             // are lanes 2i and 2i+1 of `half`, spread over each 128-bit half by one in-lane byte shuffle.
-            let (b0, b1) = (4 * i as i8, 4 * i as i8 + 2);
-            let pick = _mm256_setr_epi8(
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b0,
-                b0 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-                b1,
-                b1 + 1,
-            );
+            let pick = _mm256_add_epi8(pick_pair, _mm256_set1_epi8(4 * i as i8));
             let sc = _mm256_shuffle_epi8(half, pick);
             let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
@@ -321,43 +292,54 @@ unsafe fn h16_rows4(w: *const u8, rb: usize, off: usize) -> __m128 {
     _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0))
 }
 
-/// Q6_K, one Q8_K activation row, four consecutive rows at once (decode, e.g. a Q6_K output head). Each block's
-/// integer sum is `q6_k_block`'s; the four rows' sums are reduced together and each lane then takes the scalar
-/// epilogue's IEEE steps, `acc += (d_w · d_a) · isum` in block order, so every row equals [`dot_q6_k_avx2`].
+/// Four consecutive rows (`rb` bytes apart, `WB`-byte blocks with their f16 scale at `DOFF`) × one Q8_K activation
+/// row, for the types whose block term is `(d_w · d_a) · isum` (Q6_K, TQ1_0, TQ2_0); `block` gives one block's
+/// integer sum as i32 lanes. The four rows' sums are reduced together and each lane takes the scalar epilogue's IEEE
+/// steps in block order, so every row equals its single-row kernel bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_quant_rows4<const WB: usize, const DOFF: usize>(
+    w: &[u8],
+    rb: usize,
+    a: &[u8],
+    k: usize,
+    block: impl Fn(&[u8], &[u8]) -> __m256i,
+) -> [f32; 4] {
+    let nb = k / 256;
+    assert!(
+        k.is_multiple_of(256) && rb >= WB * nb && w.len() >= 3 * rb + WB * nb && a.len() >= 292 * nb,
+        "rows or Q8_K activation too short"
+    );
+    let wp = w.as_ptr();
+    // The next four rows, 4·WB bytes per block step, as in the I2_S four-row kernel.
+    let next = wp.wrapping_add(4 * rb);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        for line in 0..(4 * WB).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(4 * WB * b + 64 * line) as *const i8);
+        }
+        // The activation block is the same for the four rows; its loads stay in L1 across them.
+        let ab = &a[292 * b..292 * b + 292];
+        let isum = hsum4_i32(std::array::from_fn(|r| block(&w[r * rb + WB * b..r * rb + WB * b + WB], ab)));
+        // SAFETY: each row's block holds its f16 scale at DOFF (lengths asserted above).
+        let d_w = unsafe { h16_rows4(wp.add(WB * b), rb, DOFF) };
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(d_w, _mm_set1_ps(f32_at(ab, 0))), _mm_cvtepi32_ps(isum)));
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+/// Q6_K × Q8_K decode over four rows per call (e.g. a Q6_K output head); each row equals [`dot_q6_k_avx2`].
 pub(crate) fn q6_k_rows4() -> crate::dot::RowsDot4 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows4(w: &[u8], rb: usize, a: &[u8], k: usize, _scale: f32) -> [f32; 4] {
-        let nb = k / 256;
-        assert!(
-            k.is_multiple_of(256) && rb >= 210 * nb && w.len() >= 3 * rb + 210 * nb && a.len() >= 292 * nb,
-            "Q6_K rows or Q8_K activation too short"
-        );
-        let (wp, ap) = (w.as_ptr(), a.as_ptr());
-        // The next group of four rows, one block step (4 × 210 bytes) per step, as in the I2_S four-row kernel.
-        let next = wp.wrapping_add(4 * rb);
-        let mut acc = _mm_setzero_ps();
-        for b in 0..nb {
-            for line in 0..14 {
-                _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(840 * b + 64 * line) as *const i8);
-            }
-            // SAFETY: block b of row r lies at r·rb + 210b, within the lengths asserted above; the activation
-            // block at 292b likewise.
-            let isum =
-                unsafe { hsum4_i32(std::array::from_fn(|r| q6_k_block(wp.add(r * rb + 210 * b), ap.add(292 * b)))) };
-            // SAFETY: as above (the f16 scales at byte 208 of each block; the Q8_K scale at the block's start).
-            let (dw, da) = unsafe {
-                (h16_rows4(wp.add(210 * b), rb, 208), std::ptr::read_unaligned(ap.add(292 * b) as *const f32))
-            };
-            acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(dw, _mm_set1_ps(da)), _mm_cvtepi32_ps(isum)));
-        }
-        let mut out = [0f32; 4];
-        // SAFETY: `out` holds four f32.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
-        out
+    unsafe fn rows4(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
+        // SAFETY (closure): the driver hands over whole 210-byte Q6_K and 292-byte Q8_K blocks.
+        k_quant_rows4::<210, 208>(w, rb, a, k, |wb, ab| unsafe { q6_k_block(wb.as_ptr(), ab.as_ptr()) })
     }
-    fn f(w: &[u8], rb: usize, a: &[u8], k: usize, s: f32) -> [f32; 4] {
+    fn f(w: &[u8], rb: usize, a: &[u8], k: usize, _s: f32) -> [f32; 4] {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
-        unsafe { rows4(w, rb, a, k, s) }
+        unsafe { rows4(w, rb, a, k) }
     }
     f
 }
@@ -401,8 +383,7 @@ unsafe fn dot_tq_q8k<const WB: usize, const DOFF: usize>(
     let mut b = 0;
     while b + 4 <= nb {
         let v: [__m256i; 4] = std::array::from_fn(|j| block(b + j));
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let isum = hsum4_i32(v);
         let d_w = _mm_setr_ps(
             h16(w, WB * b + DOFF),
             h16(w, WB * (b + 1) + DOFF),
@@ -430,63 +411,15 @@ unsafe fn dot_tq_q8k<const WB: usize, const DOFF: usize>(
     acc
 }
 
-/// [`dot_tq_q8k`] for four consecutive rows (`rb` bytes apart) and one activation row: the activation block is
-/// loaded once for the four rows, and each block's four sums are reduced together and scaled as four f32 lanes,
-/// each lane taking the scalar epilogue's steps in block order (`acc += (d_w · d_a) · isum`), so every row equals
-/// the single-row kernel bit for bit.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tq_q8k_rows4<const WB: usize, const DOFF: usize>(
-    w: &[u8],
-    rb: usize,
-    a: &[u8],
-    k: usize,
-    trits: impl Fn(&[u8]) -> [__m256i; 8],
-) -> [f32; 4] {
-    let nb = k / 256;
-    assert!(
-        k.is_multiple_of(256) && rb >= WB * nb && w.len() >= 3 * rb + WB * nb && a.len() >= 292 * nb,
-        "ternary rows or Q8_K activation too short"
-    );
-    let wp = w.as_ptr();
-    // The next four rows, 4·WB bytes per block step, as in the I2_S four-row kernel.
-    let next = wp.wrapping_add(4 * rb);
-    let mut acc = _mm_setzero_ps();
-    for b in 0..nb {
-        for line in 0..(4 * WB).div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_NTA>(next.wrapping_add(4 * WB * b + 64 * line) as *const i8);
-        }
-        let ab = &a[292 * b..292 * b + 292];
-        let mut p = [_mm256_setzero_si256(); 4];
-        for (r, p) in p.iter_mut().enumerate() {
-            // The eight activation vectors are the same for the four rows; the compiler keeps them in registers
-            // or L1 across this loop.
-            let t = trits(&w[r * rb + WB * b..r * rb + WB * b + WB]);
-            for (i, t) in t.into_iter().enumerate() {
-                *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(t, load(&ab[4 + 32 * i..])));
-            }
-        }
-        // As `tq_q8k_block`: subtract the sixteen partial sums of q (Σ(t − 1)·q = Σt·q − Σq), then widen.
-        let (bsums, ones) = (load(&ab[260..]), _mm256_set1_epi16(1));
-        let isum = hsum4_i32(p.map(|p| _mm256_madd_epi16(_mm256_sub_epi16(p, bsums), ones)));
-        // SAFETY: each row's block holds its f16 scale at DOFF (lengths asserted above).
-        let d_w = unsafe { h16_rows4(wp.add(WB * b), rb, DOFF) };
-        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_mul_ps(d_w, _mm_set1_ps(f32_at(ab, 0))), _mm_cvtepi32_ps(isum)));
-    }
-    let mut out = [0f32; 4];
-    // SAFETY: `out` holds four f32.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
-    out
-}
-
 /// TQ1_0 / TQ2_0 × Q8_K decode over four rows per call. Callers must have checked AVX2, FMA and F16C.
 pub(crate) fn tq_rows4(ty: GgmlType) -> Option<crate::dot::RowsDot4> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tq1(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
-        tq_q8k_rows4::<54, 52>(w, rb, a, k, |b| tq1_0_trit_vecs(b))
+        k_quant_rows4::<54, 52>(w, rb, a, k, |wb, ab| tq_q8k_block(tq1_0_trit_vecs(wb), ab))
     }
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tq2(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
-        tq_q8k_rows4::<66, 64>(w, rb, a, k, |b| tq2_0_trit_vecs(b))
+        k_quant_rows4::<66, 64>(w, rb, a, k, |wb, ab| tq_q8k_block(tq2_0_trit_vecs(wb), ab))
     }
     fn f1(w: &[u8], rb: usize, a: &[u8], k: usize, _s: f32) -> [f32; 4] {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
@@ -824,8 +757,7 @@ pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
             }
         }
         // The epilogue of `epi_i2s` for four tokens at once, in the same IEEE operations: (Σcq − Σq) / s · w_scale.
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-        let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let sum_cq = hsum4_i32(acc);
         // SAFETY: each activation row holds k values, then its f32 scale and i32 sum (length asserted above).
         let tail = |j: usize| unsafe { std::ptr::read_unaligned(ap[j].add(k) as *const [i32; 2]) };
         let (t0, t1, t2, t3) = (tail(0), tail(1), tail(2), tail(3));
@@ -904,8 +836,7 @@ pub(crate) fn i2s_clean_rows4() -> crate::dot::RowsDot4 {
             }
         }
         let acc: [__m256i; 4] = std::array::from_fn(|r| _mm256_add_epi32(acc1[r], _mm256_srai_epi32::<2>(acc4[r])));
-        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
-        let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let sum_cq = hsum4_i32(acc);
         // `epi_i2s` for four rows: (Σcq − Σq) / s · w_scale, the same IEEE operations per lane.
         // SAFETY: the activation row holds k values, then its f32 scale and i32 sum (length asserted above).
         let [s, sum_q] = unsafe { std::ptr::read_unaligned(ap.add(k) as *const [i32; 2]) };
