@@ -281,8 +281,15 @@ unsafe fn dot_q6_k_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
 /// Sums of four rows' i32 lanes, as one vector (lane r = row r). Integer adds, so any order gives the same value.
 #[inline(always)]
 unsafe fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
-    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    let h = hadd4_i32(v);
     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// Four vectors' i32 lanes folded into one: in each 128-bit half, lane r holds a partial sum of `v[r]`. Adding such
+/// vectors and finally the two halves gives the four totals.
+#[inline(always)]
+unsafe fn hadd4_i32(v: [__m256i; 4]) -> __m256i {
+    _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
 }
 
 /// The f16 at byte `off` of each of four rows `rb` apart, as f32 lanes (exact conversions).
@@ -850,6 +857,154 @@ pub(crate) fn i2s_clean_rows4() -> crate::dot::RowsDot4 {
     fn f(w: &[u8], rb: usize, a: &[u8], k: usize, s: f32) -> [f32; 4] {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
         unsafe { rows4(w, rb, a, k, s) }
+    }
+    f
+}
+
+/// Assembly text for one token's step of [`i2s_clean_tile2x4`]: both rows' code planes (`c0`, `c1`) times the
+/// token's activation vector at byte `$off` of its block, each added into that (row, token)'s int16 sums.
+macro_rules! i2s_tile_token {
+    ($a:literal, $p0:literal, $p1:literal, $off:literal) => {
+        concat!(
+            "vpmaddubsw {t0}, {c0}, ymmword ptr [{",
+            $a,
+            "} + ",
+            $off,
+            "]\n",
+            "vpaddw {",
+            $p0,
+            "}, {",
+            $p0,
+            "}, {t0}\n",
+            "vpmaddubsw {t1}, {c1}, ymmword ptr [{",
+            $a,
+            "} + ",
+            $off,
+            "]\n",
+            "vpaddw {",
+            $p1,
+            "}, {",
+            $p1,
+            "}, {t1}\n",
+        )
+    };
+}
+
+/// One code plane of both rows against all four tokens.
+macro_rules! i2s_tile_plane {
+    ($off:literal) => {
+        concat!(
+            i2s_tile_token!("a0", "p00", "p10", $off),
+            i2s_tile_token!("a1", "p01", "p11", $off),
+            i2s_tile_token!("a2", "p02", "p12", $off),
+            i2s_tile_token!("a3", "p03", "p13", $off),
+        )
+    };
+}
+
+/// Clean I2_S, two consecutive rows × four tokens (prompts). Whatever the tiling, 32 multiply-adds cost one maddubs
+/// and one int16 add, and Zen 3 issues about four vector operations per cycle, so the block loop's ceiling is near
+/// 2.5 operations per maddubs (~50 multiply-adds per cycle; measured 45–52 in an L1-resident loop). A two-row tile
+/// shares each code plane's shift and mask across four tokens and the per-call work outside the block loop (setup,
+/// int32 widening, epilogue) across two rows. Measured: 6912×2560 × 128 tokens, two threads, medians of 15 alternating
+/// in one process, eight runs: 2–7% faster than one row × four tokens. Each (row, token) integer sum is the exact
+/// sum and the epilogue the same IEEE operations, so results equal the scalar reference bit for bit.
+pub(crate) fn i2s_clean_tile2x4() -> crate::dot::RowsDot2x4 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, scale: f32) -> [[f32; 4]; 2] {
+        assert!(
+            k.is_multiple_of(128) && rb >= k / 4 && w.len() >= rb + k / 4 && a.iter().all(|a| a.len() >= k + 8),
+            "I2_S rows or activations too short"
+        );
+        let ones = _mm256_set1_epi16(1);
+        let m3 = _mm256_set1_epi8(3);
+        let (w0, w1) = (w.as_ptr(), w.as_ptr().wrapping_add(rb));
+        let ap = a.map(|a| a.as_ptr());
+        let n_blocks = k / 128;
+        // Per row, the four tokens' int32 partial sums folded into one vector (`hadd4_i32`): two accumulators live
+        // across the block loop instead of eight, which leaves the loop's registers for the int16 sums.
+        let mut acc = [_mm256_setzero_si256(); 2];
+        let mut i = 0;
+        while i < n_blocks {
+            // Up to 8 blocks in int16 per (row, token): 32 maddubs results of at most 2·2·128 = 512, so exact.
+            let end = (i + 8).min(n_blocks);
+            let mut p = [[_mm256_setzero_si256(); 4]; 2];
+            while i < end {
+                let [[p00, p01, p02, p03], [p10, p11, p12, p13]] = &mut p;
+                // Assembly because LLVM, given the same loop as intrinsics, reassociated the int16 sums and spilled
+                // accumulators to the stack in every block. Activation loads fold into the maddubs.
+                // SAFETY: block i of row r reads w[r·rb + 32i..+32], and of token j a[j][128i..128i+128],
+                // i < n_blocks, r < 2: within the lengths asserted above. AVX2 loads and register arithmetic only.
+                unsafe {
+                    std::arch::asm!(
+                        "vmovdqu {q0}, ymmword ptr [{w0}]",
+                        "vmovdqu {q1}, ymmword ptr [{w1}]",
+                        "vpsrlw {c0}, {q0}, 6",
+                        "vpsrlw {c1}, {q1}, 6",
+                        "vpand {c0}, {c0}, {m3}",
+                        "vpand {c1}, {c1}, {m3}",
+                        i2s_tile_plane!("0"),
+                        "vpsrlw {c0}, {q0}, 4",
+                        "vpsrlw {c1}, {q1}, 4",
+                        "vpand {c0}, {c0}, {m3}",
+                        "vpand {c1}, {c1}, {m3}",
+                        i2s_tile_plane!("32"),
+                        "vpsrlw {c0}, {q0}, 2",
+                        "vpsrlw {c1}, {q1}, 2",
+                        "vpand {c0}, {c0}, {m3}",
+                        "vpand {c1}, {c1}, {m3}",
+                        i2s_tile_plane!("64"),
+                        "vpand {c0}, {q0}, {m3}",
+                        "vpand {c1}, {q1}, {m3}",
+                        i2s_tile_plane!("96"),
+                        w0 = in(reg) w0.add(32 * i),
+                        w1 = in(reg) w1.add(32 * i),
+                        a0 = in(reg) ap[0].add(128 * i),
+                        a1 = in(reg) ap[1].add(128 * i),
+                        a2 = in(reg) ap[2].add(128 * i),
+                        a3 = in(reg) ap[3].add(128 * i),
+                        m3 = in(ymm_reg) m3,
+                        q0 = out(ymm_reg) _,
+                        q1 = out(ymm_reg) _,
+                        c0 = out(ymm_reg) _,
+                        c1 = out(ymm_reg) _,
+                        t0 = out(ymm_reg) _,
+                        t1 = out(ymm_reg) _,
+                        p00 = inout(ymm_reg) *p00,
+                        p01 = inout(ymm_reg) *p01,
+                        p02 = inout(ymm_reg) *p02,
+                        p03 = inout(ymm_reg) *p03,
+                        p10 = inout(ymm_reg) *p10,
+                        p11 = inout(ymm_reg) *p11,
+                        p12 = inout(ymm_reg) *p12,
+                        p13 = inout(ymm_reg) *p13,
+                        options(pure, readonly, nostack, preserves_flags)
+                    )
+                };
+                i += 1;
+            }
+            for (acc, p) in acc.iter_mut().zip(p) {
+                *acc = _mm256_add_epi32(*acc, hadd4_i32(p.map(|p| _mm256_madd_epi16(p, ones))));
+            }
+        }
+        // The epilogue of `epi_i2s` for four tokens at once, per row, in the same IEEE operations.
+        // SAFETY: each activation row holds k values, then its f32 scale and i32 sum (length asserted above).
+        let tail = |j: usize| unsafe { std::ptr::read_unaligned(ap[j].add(k) as *const [i32; 2]) };
+        let (t0, t1, t2, t3) = (tail(0), tail(1), tail(2), tail(3));
+        let sum_q = _mm_setr_epi32(t0[1], t1[1], t2[1], t3[1]);
+        let s = _mm_castsi128_ps(_mm_setr_epi32(t0[0], t1[0], t2[0], t3[0]));
+        let mut out = [[0f32; 4]; 2];
+        for (out, acc) in out.iter_mut().zip(acc) {
+            let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+            let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_cq, sum_q)), s), _mm_set1_ps(scale));
+            // SAFETY: `out` holds four f32.
+            unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
+        }
+        out
+    }
+    fn f(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, s: f32) -> [[f32; 4]; 2] {
+        // SAFETY: handed out only for the AVX2 backend, after feature detection.
+        unsafe { tile(w, rb, a, k, s) }
     }
     f
 }

@@ -13,6 +13,10 @@ pub type RowDot4 = fn(&[u8], [&[u8]; 4], usize, f32) -> [f32; 4];
 /// (same results as four [`RowDot`] calls).
 pub type RowsDot4 = fn(&[u8], usize, &[u8], usize, f32) -> [f32; 4];
 
+/// Two consecutive weight rows (`row_bytes` apart) against four activation rows: `out[r][j]` = row r · token j
+/// (same results as eight [`RowDot`] calls).
+pub type RowsDot2x4 = fn(&[u8], usize, [&[u8]; 4], usize, f32) -> [[f32; 4]; 2];
+
 /// A per-block integer kernel: (weight block, activation block) → (main sum, secondary sum such as Σ min·bsum).
 pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
 
@@ -54,6 +58,8 @@ pub struct Kernels {
     pub dot4: Option<RowDot4>,
     /// Single-token kernel over four rows at once (decode), where one exists.
     pub rows4: Option<RowsDot4>,
+    /// Two rows × four tokens (prompts), where one exists; preferred over `dot4`.
+    pub tile2x4: Option<RowsDot2x4>,
 }
 
 impl Kernels {
@@ -73,7 +79,7 @@ impl Kernels {
             Backend::Avx2 => crate::avx2::tq_rows4(ty),
             _ => None,
         };
-        Ok(Kernels { ty, act, backend, dot, dot4, rows4 })
+        Ok(Kernels { ty, act, backend, dot, dot4, rows4, tile2x4: None })
     }
 
     /// F16 weights dotted with f32 activations (bitnet.cpp's choice for its F16 output head), instead of ggml's
@@ -87,7 +93,7 @@ impl Kernels {
             Backend::Avx2 => crate::avx2::f16_f32_row_dot(),
             _ => scalar,
         };
-        Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None, rows4: None }
+        Kernels { ty: GgmlType::F16, act: ActType::F32, backend, dot, dot4: None, rows4: None, tile2x4: None }
     }
 
     /// TQ1_0 / TQ2_0 with BitNet's per-token int8 activations (the default for TQ types is llama.cpp's per-block
@@ -114,7 +120,7 @@ impl Kernels {
             ),
             _ => (scalar_fn, None),
         };
-        Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4, rows4: None })
+        Ok(Kernels { ty, act: ActType::I8PerToken, backend, dot, dot4, rows4: None, tile2x4: None })
     }
 }
 

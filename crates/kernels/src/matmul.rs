@@ -94,6 +94,7 @@ impl QMatrix {
                 // it has not been timed against a four-row one).
                 if crate::vnni::x86::i2s_row_dot().is_none() {
                     kernels.rows4 = Some(crate::avx2::i2s_clean_rows4());
+                    kernels.tile2x4 = Some(crate::avx2::i2s_clean_tile2x4());
                 }
             }
         }
@@ -210,11 +211,24 @@ impl QMatrix {
         if let Some(dot4) = self.kernels.dot4 {
             while tok + 4 <= n_tok {
                 let a = [x.row(tok), x.row(tok + 1), x.row(tok + 2), x.row(tok + 3)];
-                for r in r0..r1 {
+                let mut r = r0;
+                if let Some(tile) = self.kernels.tile2x4 {
+                    while r + 2 <= r1 {
+                        let v = tile(&w_all[r * rb..(r + 2) * rb], rb, a, self.kcols, self.scale);
+                        for (i, v) in v.into_iter().enumerate() {
+                            for (j, v) in v.into_iter().enumerate() {
+                                // SAFETY: index < n_tok * rows == the output's length (checked by the caller);
+                                // rows r0..r1 of this matrix belong to the calling task only.
+                                unsafe { dst.write((tok + j) * self.rows + r + i, v) };
+                            }
+                        }
+                        r += 2;
+                    }
+                }
+                for r in r..r1 {
                     let v = dot4(&w_all[r * rb..(r + 1) * rb], a, self.kcols, self.scale);
                     for (j, v) in v.into_iter().enumerate() {
-                        // SAFETY: index < n_tok * rows == the output's length (checked by the caller); rows
-                        // r0..r1 of this matrix belong to the calling task only.
+                        // SAFETY: as above.
                         unsafe { dst.write((tok + j) * self.rows + r, v) };
                     }
                 }
