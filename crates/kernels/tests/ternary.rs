@@ -265,7 +265,8 @@ fn i2s_rows_that_are_not_whole_blocks() {
 }
 
 /// A grouped matmul (Q/K/V, gate/up as one pool job, with tasks that straddle matrices) equals separate matmuls
-/// bit for bit, for decode and for batches, on every backend, including matrices with padded rows.
+/// bit for bit, for decode and for batches (each batch token equal to that token alone), on every backend, including
+/// matrices with padded rows.
 #[test]
 fn grouped_matmul_equals_separate_matmuls() {
     let pool = ThreadPool::new(2);
@@ -282,7 +283,8 @@ fn grouped_matmul_equals_separate_matmuls() {
                     i2s_matrix(&codes, rows, k, 0.5 + i as f32, backend)
                 })
                 .collect();
-            for n_tok in [1usize, 6] {
+            // 70 tokens take the long-batch task size (64 rows per task).
+            for n_tok in [1usize, 6, 70] {
                 let x: Vec<f32> = (0..n_tok * k).map(|_| (rnd() % 2001) as f32 / 1000.0 - 1.0).collect();
                 let q = QuantizedActs::quantize(ActType::I8PerToken, &x, k);
                 let want: Vec<Vec<f32>> = mats
@@ -293,6 +295,17 @@ fn grouped_matmul_equals_separate_matmuls() {
                         o
                     })
                     .collect();
+                // Each token of a batch equals that token alone (the single-token path's tasks and kernels).
+                for t in (0..n_tok).step_by(23) {
+                    let qt = QuantizedActs::quantize(ActType::I8PerToken, &x[t * k..(t + 1) * k], k);
+                    for (m, w) in mats.iter().zip(&want) {
+                        let mut o = vec![0f32; m.rows];
+                        m.matmul(&qt, &mut o, &pool);
+                        let same =
+                            o.iter().zip(&w[t * m.rows..(t + 1) * m.rows]).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{backend:?} k={k} n_tok={n_tok} token {t}: batch differs from the token alone");
+                    }
+                }
                 let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![f32::NAN; n_tok * m.rows]).collect();
                 let mut parts: Vec<(&QMatrix, &mut [f32])> =
                     mats.iter().zip(outs.iter_mut()).map(|(m, o)| (m, o.as_mut_slice())).collect();
