@@ -168,19 +168,37 @@ pub fn quantize_row(ty: ActType, x: &[f32], out: &mut [u8]) {
             }
         }
         ActType::I8PerToken => {
-            let k = x.len();
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let s = 127.0 / amax.max(1e-5);
-            let mut sum = 0i32;
-            for (j, v) in x.iter().enumerate() {
-                let q = round_even(v * s).clamp(-128.0, 127.0) as i32;
-                sum += q;
-                out[j] = q as i8 as u8;
+            #[cfg(target_arch = "x86_64")]
+            if simd_available() {
+                // SAFETY: AVX2, FMA and F16C were detected.
+                return unsafe { crate::avx2::quantize_i8_per_token(x, out) };
             }
-            out[k..k + 4].copy_from_slice(&s.to_le_bytes());
-            out[k + 4..k + 8].copy_from_slice(&sum.to_le_bytes());
+            quantize_i8_per_token_scalar(x, out)
         }
     }
+}
+
+/// Whether the AVX2 quantizer may run (decided once: `Backend::detect` reads the environment).
+#[cfg(target_arch = "x86_64")]
+fn simd_available() -> bool {
+    static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX2.get_or_init(|| crate::Backend::detect() == crate::Backend::Avx2)
+}
+
+/// The reference for BitNet's per-token int8 activations: s = 127 / max|x|, q = round_half_even(x·s) clamped to
+/// [-128, 127]; the row is followed by s (f32) and Σq (i32).
+pub fn quantize_i8_per_token_scalar(x: &[f32], out: &mut [u8]) {
+    let k = x.len();
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = 127.0 / amax.max(1e-5);
+    let mut sum = 0i32;
+    for (j, v) in x.iter().enumerate() {
+        let q = round_even(v * s).clamp(-128.0, 127.0) as i32;
+        sum += q;
+        out[j] = q as i8 as u8;
+    }
+    out[k..k + 4].copy_from_slice(&s.to_le_bytes());
+    out[k + 4..k + 8].copy_from_slice(&sum.to_le_bytes());
 }
 
 #[cfg(test)]
@@ -224,6 +242,39 @@ mod round_tests {
         for v in vals {
             let (a, b) = (super::round_even(v), v.round_ties_even());
             assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{v}: {a} vs {b}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod i8_per_token_tests {
+    /// The AVX2 quantizer writes the scalar reference's bytes: random rows of several lengths (tails included), ties
+    /// at x·s = n + 0.5, an all-zero row, a row with one huge value and denormals, and values that clamp to -128.
+    #[test]
+    fn simd_equals_scalar() {
+        let mut state = 0x9e37_79b9u32;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for k in [1usize, 7, 31, 32, 33, 96, 2560, 6912] {
+            rows.push((0..k).map(|_| (rnd() % 200_001) as f32 / 1000.0 - 100.0).collect());
+        }
+        // amax 127 gives s = 1, so halves are exact ties for the rounding.
+        rows.push((0..64).map(|i| if i == 0 { 127.0 } else { (i as f32 - 32.0) + 0.5 }).collect());
+        rows.push(vec![0.0; 64]);
+        rows.push((0..64).map(|i| if i == 5 { 3e38 } else { f32::MIN_POSITIVE * i as f32 }).collect());
+        // -amax·s rounds to -127; values a hair beyond amax cannot occur, so -128 needs amax from a positive value.
+        rows.push((0..40).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 - f32::EPSILON }).collect());
+        for x in rows {
+            let k = x.len();
+            let (mut a, mut b) = (vec![0u8; k + 8], vec![0u8; k + 8]);
+            super::quantize_i8_per_token_scalar(&x, &mut a);
+            super::quantize_row(super::ActType::I8PerToken, &x, &mut b);
+            assert_eq!(a, b, "row of {k}");
         }
     }
 }

@@ -48,6 +48,56 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// BitNet's per-token int8 quantization of one activation row (`act::quantize_row` for `I8PerToken`): the same IEEE
+/// steps per element as the scalar code (max of |x|, x·s rounded half to even, clamped to [-128, 127]), so the same
+/// bytes for finite inputs. It was ~3% of a 512-token prompt's profile as scalar code.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_i8_per_token(x: &[f32], out: &mut [u8]) {
+    let k = x.len();
+    assert!(out.len() >= k + 8, "activation row buffer too short");
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut m = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= k {
+        // SAFETY: i + 8 <= k = x.len().
+        m = _mm256_max_ps(m, _mm256_and_ps(unsafe { _mm256_loadu_ps(xp.add(i)) }, abs));
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds eight f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+    let amax = x[i..].iter().chain(&lanes).fold(0f32, |m, v| m.max(v.abs()));
+    let s = 127.0 / amax.max(1e-5);
+    let (sv, lo, hi) = (_mm256_set1_ps(s), _mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut sum = _mm256_setzero_si256();
+    let mut i = 0;
+    while i + 32 <= k {
+        let q: [__m256i; 4] = std::array::from_fn(|j| {
+            // SAFETY: i + 8j + 8 <= k = x.len().
+            let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(xp.add(i + 8 * j)) }, sv);
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, hi), lo))
+        });
+        sum = _mm256_add_epi32(_mm256_add_epi32(sum, _mm256_add_epi32(q[0], q[1])), _mm256_add_epi32(q[2], q[3]));
+        // Values are within [-128, 127], so the saturating packs are exact; they interleave 128-bit lanes, which
+        // the permutation puts back in order.
+        let b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        // SAFETY: i + 32 <= k <= out.len().
+        unsafe { _mm256_storeu_si256(op.add(i) as *mut __m256i, _mm256_permutevar8x32_epi32(b, order)) };
+        i += 32;
+    }
+    let mut total = hsum_i32(sum);
+    for j in i..k {
+        let q = crate::act::round_even(x[j] * s).clamp(-128.0, 127.0) as i32;
+        total += q;
+        out[j] = q as i8 as u8;
+    }
+    out[k..k + 4].copy_from_slice(&s.to_le_bytes());
+    out[k + 4..k + 8].copy_from_slice(&total.to_le_bytes());
+}
+
 /// Unsigned bytes `u` (each ≤ 128) times signed bytes `s`, summed to 8 × i32. Pairs sum to at most 2·128·128 in
 /// magnitude only when `s` holds -128, which no activation quantizer here produces (they stay within ±127), so
 /// `maddubs` never saturates.
