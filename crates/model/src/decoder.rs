@@ -90,6 +90,22 @@ fn forward_group(lins: &[&Linear], x: &[f32], outs: &mut [&mut [f32]], pool: &Th
     }
 }
 
+/// `f(t, row)` for each token's row of `buf` (rows of `len`): on the pool for prompt-sized batches, where these
+/// per-token steps (norms with their sequential f64 sums, RoPE, the FFN gate) otherwise leave the other threads
+/// idle. Each row is computed exactly as it would be serially.
+fn per_token(pool: &ThreadPool, buf: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    let n = buf.len() / len;
+    if n < 8 {
+        buf.chunks_exact_mut(len).enumerate().for_each(|(t, row)| f(t, row));
+        return;
+    }
+    let rows = Disjoint::new(buf);
+    pool.run(n, &|t| {
+        // SAFETY: task t is the only one touching row t.
+        f(t, unsafe { rows.slice(t * len, len) })
+    });
+}
+
 fn quantize_parallel(act: ActType, x: &[f32], k: usize, pool: &ThreadPool) -> QuantizedActs {
     let n = x.len() / k;
     if n < 8 {
@@ -401,51 +417,43 @@ impl Model {
         let (mut g, mut u) = (vec![0f32; n * ff], vec![0f32; n * ff]);
 
         for (li, layer) in self.layers.iter().enumerate() {
-            for t in 0..n {
-                ops::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
-            }
+            per_token(pool, &mut h, d, &|t, h| ops::rms_norm(&x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, h));
             forward_group(&[&layer.wq, &layer.wk, &layer.wv], &h, &mut [&mut q, &mut k, &mut v], pool);
-            for t in 0..n {
-                for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
-                    if let Some(w) = &layer.q_norm {
-                        ops::rms_norm_inplace(head, w, cfg.rms_eps);
+            for (buf, len, norm) in [(&mut q, qd, &layer.q_norm), (&mut k, kvd, &layer.k_norm)] {
+                per_token(pool, buf, len, &|t, row| {
+                    for head in row.chunks_exact_mut(hd) {
+                        if let Some(w) = norm {
+                            ops::rms_norm_inplace(head, w, cfg.rms_eps);
+                        }
+                        ops::rope(&mut head[..cfg.rope_dim], &rope[t], neox);
                     }
-                    ops::rope(&mut head[..cfg.rope_dim], &rope[t], neox);
-                }
-                for head in k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                    if let Some(w) = &layer.k_norm {
-                        ops::rms_norm_inplace(head, w, cfg.rms_eps);
-                    }
-                    ops::rope(&mut head[..cfg.rope_dim], &rope[t], neox);
-                }
-                let bt = batch[t];
+                });
+            }
+            for (t, bt) in batch.iter().enumerate() {
                 kv.write(bt.seq, li, bt.pos, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
             }
             self.attention(batch, li, &q, kv, &mut attn, pool);
             if let Some(w) = &layer.attn_sub_norm {
-                for row in attn.chunks_exact_mut(qd) {
-                    ops::rms_norm_inplace(row, w, cfg.rms_eps);
-                }
+                per_token(pool, &mut attn, qd, &|_, row| ops::rms_norm_inplace(row, w, cfg.rms_eps));
             }
             layer.wo.forward(&attn, &mut None, &mut proj, pool);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
-            for t in 0..n {
-                ops::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, &mut h[t * d..(t + 1) * d]);
-            }
+            per_token(pool, &mut h, d, &|t, h| ops::rms_norm(&x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, h));
             forward_group(&[&layer.w_gate, &layer.w_up], &h, &mut [&mut g, &mut u], pool);
-            match cfg.ffn_act {
-                FfnActivation::SiluGated => g.iter_mut().zip(&u).for_each(|(a, b)| *a = ops::silu(*a) * b),
-                FfnActivation::ReluSqrGated => g.iter_mut().zip(&u).for_each(|(a, b)| {
-                    let r = a.max(0.0);
-                    *a = r * r * b
-                }),
-            }
-            if let Some(w) = &layer.ffn_sub_norm {
-                for row in g.chunks_exact_mut(ff) {
-                    ops::rms_norm_inplace(row, w, cfg.rms_eps);
+            per_token(pool, &mut g, ff, &|t, g| {
+                let u = &u[t * ff..(t + 1) * ff];
+                match cfg.ffn_act {
+                    FfnActivation::SiluGated => g.iter_mut().zip(u).for_each(|(a, b)| *a = ops::silu(*a) * b),
+                    FfnActivation::ReluSqrGated => g.iter_mut().zip(u).for_each(|(a, b)| {
+                        let r = a.max(0.0);
+                        *a = r * r * b
+                    }),
                 }
-            }
+                if let Some(w) = &layer.ffn_sub_norm {
+                    ops::rms_norm_inplace(g, w, cfg.rms_eps);
+                }
+            });
             layer.w_down.forward(&g, &mut None, &mut proj, pool);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
