@@ -175,10 +175,11 @@ impl QMatrix {
         // streams one long run of rows, which the hardware prefetchers follow (16-row tasks dealt alternately to
         // the threads read at 16 GB/s where contiguous runs read at 24 on this 2-core EPYC); 16 tasks per thread
         // let the one that finishes first take over the other's last ones. Batches keep a task's weight rows hot
-        // while walking every token, so each task reads all the tokens' activations once: long prompts (the decoder's
-        // 128-token micro-batches carry ~330 KB of activations, most of L2) take 64 rows per task to read them a quarter as often per multiply-add, small
-        // batches 8 for balance. I2_S 6912×2560, 2 threads, medians of 12 alternating in one process: 512 tokens
-        // 133–137 → 143–149 GMAC/s, 128 tokens +2–5%; 16 tokens 8% slower with 64 rows.
+        // while walking every token, so each task reads all the tokens' activations once: long prompts (the
+        // decoder's 128-token micro-batches carry ~330 KB of activations, most of L2) take 64 rows per task to read
+        // them a quarter as often per multiply-add, small batches 8 for balance. I2_S 6912×2560, 2 threads, medians
+        // of 12 alternating in one process: 512 tokens 133–137 → 143–149 GMAC/s, 128 tokens +2–5%; 16 tokens 8%
+        // slower with 64 rows.
         let rows_per_task = match n_tok {
             1 => total_rows.div_ceil(16 * pool.n_threads()).next_multiple_of(16),
             2..64 => 8,

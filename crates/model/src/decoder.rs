@@ -91,9 +91,9 @@ fn forward_group(lins: &[&Linear], x: &[f32], outs: &mut [&mut [f32]], pool: &Th
 }
 
 /// `f(t, row)` for each token's row of `buf` (rows of `len`): on the pool for prompt-sized batches, where these
-/// per-token steps (norms with their sequential f64 sums, RoPE, the FFN gate) otherwise leave the other threads
-/// idle. Each row is computed exactly as it would be serially.
-fn per_token(pool: &ThreadPool, buf: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+/// per-token steps (activation quantization, norms with their sequential f64 sums, RoPE, the FFN gate) otherwise
+/// leave the other threads idle. Each row is computed exactly as it would be serially.
+fn per_token<T: Send>(pool: &ThreadPool, buf: &mut [T], len: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
     let n = buf.len() / len;
     if n < 8 {
         buf.chunks_exact_mut(len).enumerate().for_each(|(t, row)| f(t, row));
@@ -107,18 +107,9 @@ fn per_token(pool: &ThreadPool, buf: &mut [f32], len: usize, f: &(dyn Fn(usize, 
 }
 
 fn quantize_parallel(act: ActType, x: &[f32], k: usize, pool: &ThreadPool) -> QuantizedActs {
-    let n = x.len() / k;
-    if n < 8 {
-        return QuantizedActs::quantize(act, x, k);
-    }
-    let rb = act.row_bytes(k);
+    let (n, rb) = (x.len() / k, act.row_bytes(k));
     let mut data = vec![0u8; rb * n];
-    let d = Disjoint::new(&mut data);
-    pool.run(n, &|i| {
-        // SAFETY: task i writes only row i.
-        let dst = unsafe { d.slice(i * rb, rb) };
-        ternlm_kernels::act::quantize_row(act, &x[i * k..(i + 1) * k], dst);
-    });
+    per_token(pool, &mut data, rb, &|t, dst| ternlm_kernels::act::quantize_row(act, &x[t * k..(t + 1) * k], dst));
     QuantizedActs { ty: act, k, n_rows: n, data }
 }
 
