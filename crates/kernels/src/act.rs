@@ -231,11 +231,9 @@ mod round_tests {
             f32::NEG_INFINITY,
             f32::MIN_POSITIVE,
         ]);
-        let mut state = 0x1234_5678u32;
+        let mut rnd = crate::xorshift32(0x1234_5678);
         for _ in 0..200_000 {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
+            let state = rnd();
             vals.push(f32::from_bits(state) % 1000.0);
             vals.push((state % 100_000) as f32 / 200.0 - 250.0);
         }
@@ -252,13 +250,7 @@ mod i8_per_token_tests {
     /// at x·s = n + 0.5, an all-zero row, a row with one huge value and denormals, and values that clamp to -128.
     #[test]
     fn simd_equals_scalar() {
-        let mut state = 0x9e37_79b9u32;
-        let mut rnd = move || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            state
-        };
+        let mut rnd = crate::xorshift32(0x9e37_79b9);
         let mut rows: Vec<Vec<f32>> = Vec::new();
         for k in [1usize, 7, 31, 32, 33, 96, 2560, 6912] {
             rows.push((0..k).map(|_| (rnd() % 200_001) as f32 / 1000.0 - 100.0).collect());

@@ -290,13 +290,9 @@ mod tests {
     use super::*;
 
     /// Uniform values in [-1, 1] from a xorshift32 stream.
-    fn uniform(mut s: u32) -> impl FnMut() -> f32 {
-        move || {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-        }
+    fn uniform(seed: u32) -> impl FnMut() -> f32 {
+        let mut rnd = crate::xorshift32(seed);
+        move || (rnd() as f32 / u32::MAX as f32) * 2.0 - 1.0
     }
 
     #[test]

@@ -63,6 +63,17 @@ pub fn sum_u64(s: &[u64]) -> u64 {
     s.iter().fold(0u64, |a, &b| a.wrapping_add(b))
 }
 
+/// The unit tests' deterministic number stream: xorshift32 from `seed` (non-zero).
+#[cfg(test)]
+pub(crate) fn xorshift32(mut seed: u32) -> impl FnMut() -> u32 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed
+    }
+}
+
 #[cfg(test)]
 mod sum_tests {
     #[test]

@@ -122,13 +122,7 @@ mod tests {
     /// activations at the int8 extremes (sums far past int16).
     #[test]
     fn neon_i2s_kernels_equal_scalar() {
-        let mut seed = 0x2545_f491u32;
-        let mut rnd = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut rnd = crate::xorshift32(0x2545_f491);
         let have_sdot = std::arch::is_aarch64_feature_detected!("dotprod");
         for k in [128usize, 256, 640, 2560, 6912] {
             for case in 0..3 {

@@ -88,16 +88,8 @@ mod tests {
 
     /// Ternary weights with an f16-exact scale, as real BitNet exports have.
     fn ternary(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 3) as f32 - 1.0
-            })
-            .map(|c| c * scale)
-            .collect()
+        let mut rnd = crate::xorshift32(seed);
+        (0..n).map(|_| ((rnd() % 3) as f32 - 1.0) * scale).collect()
     }
 
     #[test]

@@ -287,13 +287,7 @@ mod tests {
     /// (odd block counts exercise the two-block vector's tail) and on extreme activations.
     #[test]
     fn emulated_vnni_kernels_equal_scalar() {
-        let mut seed = 17u32;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 17;
-            seed ^= seed << 5;
-            seed
-        };
+        let mut rnd = crate::xorshift32(17);
         for k in [128usize, 256, 384, 1152, 2560, 6912] {
             for extreme in [false, true] {
                 let w: Vec<f32> = (0..k).map(|_| (rnd() % 3) as f32 - 1.0).collect();
