@@ -342,6 +342,30 @@ unsafe fn hadd4_i32(v: [__m256i; 4]) -> __m256i {
     _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]))
 }
 
+/// Four per-token int8 activation rows' trailers (each row is k values, then its f32 scale and i32 sum) as lanes:
+/// (scales, sums).
+///
+/// # Safety
+/// Each pointer must address a row of at least k + 8 bytes.
+#[inline(always)]
+unsafe fn i8_trailers4(ap: [*const u8; 4], k: usize) -> (__m128, __m128i) {
+    let t = ap.map(|a| std::ptr::read_unaligned(a.add(k) as *const [i32; 2]));
+    (
+        _mm_castsi128_ps(_mm_setr_epi32(t[0][0], t[1][0], t[2][0], t[3][0])),
+        _mm_setr_epi32(t[0][1], t[1][1], t[2][1], t[3][1]),
+    )
+}
+
+/// `scalar::epi_i2s` on four lanes, in the same IEEE operations: (Σcq − Σq) / s · w_scale.
+#[inline(always)]
+unsafe fn epi_i2s4(sum_cq: __m128i, s: __m128, sum_q: __m128i, w_scale: f32) -> [f32; 4] {
+    let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_cq, sum_q)), s), _mm_set1_ps(w_scale));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
+    out
+}
+
 /// The f16 at byte `off` of each of four rows `rb` apart, as f32 lanes (exact conversions).
 #[inline(always)]
 unsafe fn h16_rows4(w: *const u8, rb: usize, off: usize) -> __m128 {
@@ -824,18 +848,9 @@ pub(crate) fn i2s_clean_kernels() -> (crate::dot::RowDot, crate::dot::RowDot4) {
                 *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, ones));
             }
         }
-        // The epilogue of `epi_i2s` for four tokens at once, in the same IEEE operations: (Σcq − Σq) / s · w_scale.
-        let sum_cq = hsum4_i32(acc);
-        // SAFETY: each activation row holds k values, then its f32 scale and i32 sum (length asserted above).
-        let tail = |j: usize| unsafe { std::ptr::read_unaligned(ap[j].add(k) as *const [i32; 2]) };
-        let (t0, t1, t2, t3) = (tail(0), tail(1), tail(2), tail(3));
-        let sum_q = _mm_setr_epi32(t0[1], t1[1], t2[1], t3[1]);
-        let s = _mm_castsi128_ps(_mm_setr_epi32(t0[0], t1[0], t2[0], t3[0]));
-        let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_cq, sum_q)), s), _mm_set1_ps(scale));
-        let mut out = [0f32; 4];
-        // SAFETY: `out` holds four f32.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
-        out
+        // SAFETY: each activation row holds k + 8 bytes (asserted above).
+        let (s, sum_q) = unsafe { i8_trailers4(ap, k) };
+        epi_i2s4(hsum4_i32(acc), s, sum_q, scale)
     }
     fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
@@ -904,16 +919,10 @@ pub(crate) fn i2s_clean_rows4() -> crate::dot::RowsDot4 {
             }
         }
         let acc: [__m256i; 4] = std::array::from_fn(|r| _mm256_add_epi32(acc1[r], _mm256_srai_epi32::<2>(acc4[r])));
-        let sum_cq = hsum4_i32(acc);
-        // `epi_i2s` for four rows: (Σcq − Σq) / s · w_scale, the same IEEE operations per lane.
-        // SAFETY: the activation row holds k values, then its f32 scale and i32 sum (length asserted above).
-        let [s, sum_q] = unsafe { std::ptr::read_unaligned(ap.add(k) as *const [i32; 2]) };
-        let d = _mm_sub_epi32(sum_cq, _mm_set1_epi32(sum_q));
-        let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(d), _mm_set1_ps(f32::from_bits(s as u32))), _mm_set1_ps(scale));
-        let mut out = [0f32; 4];
-        // SAFETY: `out` holds four f32.
-        unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
-        out
+        // One activation row for the four weight rows.
+        // SAFETY: the activation row holds k + 8 bytes (asserted above).
+        let (s, sum_q) = unsafe { i8_trailers4([ap; 4], k) };
+        epi_i2s4(hsum4_i32(acc), s, sum_q, scale)
     }
     fn f(w: &[u8], rb: usize, a: &[u8], k: usize, s: f32) -> [f32; 4] {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
@@ -1048,18 +1057,12 @@ pub(crate) fn i2s_clean_tile2x4() -> crate::dot::RowsDot2x4 {
                 *acc = _mm256_add_epi32(*acc, hadd4_i32(p.map(|p| _mm256_madd_epi16(p, ones))));
             }
         }
-        // The epilogue of `epi_i2s` for four tokens at once, per row, in the same IEEE operations.
-        // SAFETY: each activation row holds k values, then its f32 scale and i32 sum (length asserted above).
-        let tail = |j: usize| unsafe { std::ptr::read_unaligned(ap[j].add(k) as *const [i32; 2]) };
-        let (t0, t1, t2, t3) = (tail(0), tail(1), tail(2), tail(3));
-        let sum_q = _mm_setr_epi32(t0[1], t1[1], t2[1], t3[1]);
-        let s = _mm_castsi128_ps(_mm_setr_epi32(t0[0], t1[0], t2[0], t3[0]));
+        // SAFETY: each activation row holds k + 8 bytes (asserted above).
+        let (s, sum_q) = unsafe { i8_trailers4(ap, k) };
         let mut out = [[0f32; 4]; 2];
         for (out, acc) in out.iter_mut().zip(acc) {
             let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
-            let y = _mm_mul_ps(_mm_div_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_cq, sum_q)), s), _mm_set1_ps(scale));
-            // SAFETY: `out` holds four f32.
-            unsafe { _mm_storeu_ps(out.as_mut_ptr(), y) };
+            *out = epi_i2s4(sum_cq, s, sum_q, scale);
         }
         out
     }
