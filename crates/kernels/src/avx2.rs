@@ -374,9 +374,10 @@ unsafe fn h16_rows4(w: *const u8, rb: usize, off: usize) -> __m128 {
 }
 
 /// Four consecutive rows (`rb` bytes apart, `WB`-byte blocks with their f16 scale at `DOFF`) × one Q8_K activation
-/// row, for the types whose block term is `(d_w · d_a) · isum` (Q6_K, TQ1_0, TQ2_0); `block` gives one block's
-/// integer sum as i32 lanes. The four rows' sums are reduced together and each lane takes the scalar epilogue's IEEE
-/// steps in block order, so every row equals its single-row kernel bit for bit.
+/// row, for the types whose block term is `(d_w · d_a) · isum` (TQ1_0, TQ2_0; Q6_K decodes one row at a time, see
+/// `Kernels::new`); `block` gives one block's integer sum as i32 lanes. The four rows' sums are reduced together and
+/// each lane takes the scalar epilogue's IEEE steps in block order, so every row equals its single-row kernel bit for
+/// bit.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k_quant_rows4<const WB: usize, const DOFF: usize>(
     w: &[u8],
@@ -416,20 +417,6 @@ unsafe fn k_quant_rows4<const WB: usize, const DOFF: usize>(
     // SAFETY: `out` holds four f32.
     unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
     out
-}
-
-/// Q6_K × Q8_K decode over four rows per call (e.g. a Q6_K output head); each row equals [`dot_q6_k_avx2`].
-pub(crate) fn q6_k_rows4() -> crate::dot::RowsDot4 {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows4(w: &[u8], rb: usize, a: &[u8], k: usize) -> [f32; 4] {
-        // SAFETY (closure): the driver hands over whole 210-byte Q6_K and 292-byte Q8_K blocks.
-        k_quant_rows4::<210, 208>(w, rb, a, k, |wb, ab| unsafe { q6_k_block(wb.as_ptr(), ab.as_ptr()) })
-    }
-    fn f(w: &[u8], rb: usize, a: &[u8], k: usize, _s: f32) -> [f32; 4] {
-        // SAFETY: handed out only for the AVX2 backend, after feature detection.
-        unsafe { rows4(w, rb, a, k) }
-    }
-    f
 }
 
 /// Σ (t − 1)·q over one ternary block (trits 0..2 as eight 32-byte vectors) against a Q8_K activation block, as

@@ -72,9 +72,11 @@ impl Kernels {
             Backend::Neon if ty == GgmlType::I2_S => (crate::neon::i2s_row_dot(), None),
             _ => (scalar_dot(ty)?, None),
         };
+        // Four rows per call only for the compute-bound ternary types. Q6_K has a four-row kernel in its history
+        // (90487c6, faster in cache), but streamed from DRAM it read 11–16% slower than the one-row kernel
+        // (a 2B4T-sized Q6_K head, 2 threads, medians of 30 alternating passes in one process: 22.3–26.3 vs
+        // 25.7–29.1 GB/s, probe 24–30), and a head is always streamed.
         let rows4 = match backend {
-            #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 if ty == GgmlType::Q6_K => Some(crate::avx2::q6_k_rows4()),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => crate::avx2::tq_rows4(ty),
             _ => None,
