@@ -309,23 +309,12 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     _mm256_sub_epi32(acc, _mm256_slli_epi32(offset, 5))
 }
 
-/// Q6_K row × Q8_K activations, equal to the scalar reference bit for bit (exact block sums, each block's term
-/// `(d_w · d_a) · isum` in f32 added in block order); raw pointers and a prefetch keep it streaming.
+/// Q6_K row × Q8_K activations (the decode kernel, e.g. a Q6_K output head), equal to the scalar reference bit for
+/// bit; see [`dot_k_row`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6_k_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
-    let nb = k / 256;
-    let (w, a) = (&w[..210 * nb], &a[..292 * nb]);
-    let (wp, ap) = (w.as_ptr(), a.as_ptr());
-    let mut acc = 0f32;
-    for b in 0..nb {
-        for line in 0..4 {
-            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(210 * b + PREFETCH_BYTES + 64 * line) as *const i8);
-        }
-        // SAFETY: block b lies within the first 210·nb / 292·nb bytes (sliced above).
-        let isum = unsafe { hsum_i32(q6_k_block(wp.add(210 * b), ap.add(292 * b))) };
-        acc += epi_k(h16(w, 210 * b + 208), &a[292 * b..], isum);
-    }
-    acc
+    // SAFETY (closure): the driver hands over whole 210-byte Q6_K and 292-byte Q8_K blocks.
+    dot_k_row::<210, 208>(w, a, k, |wb, ab| unsafe { q6_k_block(wb.as_ptr(), ab.as_ptr()) })
 }
 
 /// Sums of four rows' i32 lanes, as one vector (lane r = row r). Integer adds, so any order gives the same value.
@@ -433,26 +422,28 @@ unsafe fn tq_q8k_block(trits: [__m256i; 8], a: &[u8]) -> __m256i {
     _mm256_madd_epi16(_mm256_sub_epi16(p, load(&a[260..])), _mm256_set1_epi16(1))
 }
 
-/// TQ1_0 / TQ2_0 row (`WB`-byte blocks, f16 scale at `DOFF`) × Q8_K activations, equal to the scalar reference bit
-/// for bit: exact block sums, each block's term `(d_w · d_a) · isum` in f32, added in block order. Four blocks share
-/// one horizontal reduction and one conversion and scaling (a reduction per block was a fifth of TQ2_0's decode
-/// work), and weights are prefetched like the other streaming kernels.
+/// One row of `WB`-byte blocks (f16 scale at `DOFF`) × Q8_K activations, for the types whose block term is
+/// `(d_w · d_a) · isum` (Q6_K, TQ1_0, TQ2_0; `block` gives one block's integer sum as i32 lanes). Equal to the scalar
+/// reference bit for bit: exact block sums, each block's term in f32, added in block order. Four blocks share one
+/// horizontal reduction and one conversion and scaling (a reduction per block was a fifth of TQ2_0's decode work),
+/// and weights are prefetched like the other streaming kernels.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_tq_q8k<const WB: usize, const DOFF: usize>(
+unsafe fn dot_k_row<const WB: usize, const DOFF: usize>(
     w: &[u8],
     a: &[u8],
     k: usize,
-    trits: impl Fn(&[u8]) -> [__m256i; 8],
+    block_sum: impl Fn(&[u8], &[u8]) -> __m256i,
 ) -> f32 {
     let nb = k / 256;
     let (w, a) = (&w[..WB * nb], &a[..292 * nb]);
     let wp = w.as_ptr();
     let block = |b: usize| -> __m256i {
-        // A block spans at most two cache lines; prefetch both ends of the one PREFETCH_BYTES ahead.
-        _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(WB * b + PREFETCH_BYTES) as *const i8);
-        _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(WB * b + PREFETCH_BYTES + WB - 1) as *const i8);
-        // SAFETY: the caller checked AVX2; block b < nb lies within both slices (sliced above).
-        unsafe { tq_q8k_block(trits(&w[WB * b..WB * b + WB]), &a[292 * b..292 * b + 292]) }
+        // Every line of the block PREFETCH_BYTES ahead (blocks are contiguous, so lines a block straddles are
+        // covered by its neighbours' prefetches).
+        for line in 0..WB.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(WB * b + PREFETCH_BYTES + 64 * line) as *const i8);
+        }
+        block_sum(&w[WB * b..WB * b + WB], &a[292 * b..292 * b + 292])
     };
     let mut acc = 0f32;
     let mut b = 0;
@@ -518,12 +509,12 @@ pub(crate) fn tq_rows4(ty: GgmlType) -> Option<crate::dot::RowsDot4> {
 // Closures inherit the target features of the function that defines them, so the block decoders inline.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_tq1_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
-    dot_tq_q8k::<54, 52>(w, a, k, |b| tq1_0_trit_vecs(b))
+    dot_k_row::<54, 52>(w, a, k, |wb, ab| tq_q8k_block(tq1_0_trit_vecs(wb), ab))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_tq2_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
-    dot_tq_q8k::<66, 64>(w, a, k, |b| tq2_0_trit_vecs(b))
+    dot_k_row::<66, 64>(w, a, k, |wb, ab| tq_q8k_block(tq2_0_trit_vecs(wb), ab))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
