@@ -950,24 +950,47 @@ macro_rules! i2s_tile_plane {
     };
 }
 
-/// Clean I2_S, two consecutive rows × four tokens (prompts). Whatever the tiling, 32 multiply-adds cost one maddubs
+/// Clean I2_S, consecutive rows two at a time × four tokens (prompts). Whatever the tiling, 32 multiply-adds cost one maddubs
 /// and one int16 add, and Zen 3 issues about four vector operations per cycle, so the block loop's ceiling is near
 /// 2.5 operations per maddubs (~50 multiply-adds per cycle; measured 45–52 in an L1-resident loop). A two-row tile
 /// shares each code plane's shift and mask across four tokens and the per-call work outside the block loop (setup,
 /// int32 widening, epilogue) across two rows. Measured: 6912×2560 × 128 tokens, two threads, medians of 15 alternating
-/// in one process, eight runs: 2–7% faster than one row × four tokens. Each (row, token) integer sum is the exact
-/// sum and the epilogue the same IEEE operations, so results equal the scalar reference bit for bit.
+/// in one process, eight runs: 2–7% faster than one row × four tokens. One call covers a run of row pairs (the
+/// activation trailers are read once, and results go to the caller's buffer). Each (row, token) integer sum is the
+/// exact sum and the epilogue the same IEEE operations, so results equal the scalar reference bit for bit.
 pub(crate) fn i2s_clean_tile2x4() -> crate::dot::RowsDot2x4 {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, scale: f32) -> [[f32; 4]; 2] {
+    unsafe fn tile(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, scale: f32, out: &mut [[f32; 4]]) {
+        let n_rows = out.len();
         assert!(
-            k.is_multiple_of(128) && rb >= k / 4 && w.len() >= rb + k / 4 && a.iter().all(|a| a.len() >= k + 8),
+            n_rows.is_multiple_of(2)
+                && k.is_multiple_of(128)
+                && rb >= k / 4
+                && (n_rows == 0 || w.len() >= (n_rows - 1) * rb + k / 4)
+                && a.iter().all(|a| a.len() >= k + 8),
             "I2_S rows or activations too short"
         );
+        let ap = a.map(|a| a.as_ptr());
+        // SAFETY: each activation row holds k + 8 bytes (asserted above).
+        let (s, sum_q) = unsafe { i8_trailers4(ap, k) };
+        for (pair, out) in out.chunks_exact_mut(2).enumerate() {
+            // SAFETY: rows 2·pair and 2·pair + 1 < n_rows, each k / 4 bytes from its start (asserted above).
+            let w0 = unsafe { w.as_ptr().add(2 * pair * rb) };
+            let w1 = w0.wrapping_add(rb);
+            let acc = unsafe { tile_pair(w0, w1, ap, k) };
+            for (out, acc) in out.iter_mut().zip(acc) {
+                let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+                *out = epi_i2s4(sum_cq, s, sum_q, scale);
+            }
+        }
+    }
+    /// Two rows' (`w0`, `w1`: k / 4 bytes each) exact integer sums against the four tokens (k + 8 bytes each), as
+    /// `hadd4_i32`-folded lanes per row. Callers guarantee those lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_pair(w0: *const u8, w1: *const u8, ap: [*const u8; 4], k: usize) -> [__m256i; 2] {
         let ones = _mm256_set1_epi16(1);
         let m3 = _mm256_set1_epi8(3);
-        let (w0, w1) = (w.as_ptr(), w.as_ptr().wrapping_add(rb));
-        let ap = a.map(|a| a.as_ptr());
         let n_blocks = k / 128;
         // Per row, the four tokens' int32 partial sums folded into one vector (`hadd4_i32`): two accumulators live
         // across the block loop instead of eight, which leaves the loop's registers for the int16 sums.
@@ -981,8 +1004,8 @@ pub(crate) fn i2s_clean_tile2x4() -> crate::dot::RowsDot2x4 {
                 let [[p00, p01, p02, p03], [p10, p11, p12, p13]] = &mut p;
                 // Assembly because LLVM, given the same loop as intrinsics, reassociated the int16 sums and spilled
                 // accumulators to the stack in every block. Activation loads fold into the maddubs.
-                // SAFETY: block i of row r reads w[r·rb + 32i..+32], and of token j a[j][128i..128i+128],
-                // i < n_blocks, r < 2: within the lengths asserted above. AVX2 loads and register arithmetic only.
+                // SAFETY: block i reads w0/w1[32i..32i+32] and a[j][128i..128i+128], i < n_blocks: within the
+                // lengths the caller guarantees. AVX2 loads and register arithmetic only.
                 unsafe {
                     std::arch::asm!(
                         "vmovdqu {q0}, ymmword ptr [{w0}]",
@@ -1035,18 +1058,11 @@ pub(crate) fn i2s_clean_tile2x4() -> crate::dot::RowsDot2x4 {
                 *acc = _mm256_add_epi32(*acc, hadd4_i32(p.map(|p| _mm256_madd_epi16(p, ones))));
             }
         }
-        // SAFETY: each activation row holds k + 8 bytes (asserted above).
-        let (s, sum_q) = unsafe { i8_trailers4(ap, k) };
-        let mut out = [[0f32; 4]; 2];
-        for (out, acc) in out.iter_mut().zip(acc) {
-            let sum_cq = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
-            *out = epi_i2s4(sum_cq, s, sum_q, scale);
-        }
-        out
+        acc
     }
-    fn f(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, s: f32) -> [[f32; 4]; 2] {
+    fn f(w: &[u8], rb: usize, a: [&[u8]; 4], k: usize, s: f32, out: &mut [[f32; 4]]) {
         // SAFETY: handed out only for the AVX2 backend, after feature detection.
-        unsafe { tile(w, rb, a, k, s) }
+        unsafe { tile(w, rb, a, k, s, out) }
     }
     f
 }

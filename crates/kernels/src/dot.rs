@@ -13,9 +13,9 @@ pub type RowDot4 = fn(&[u8], [&[u8]; 4], usize, f32) -> [f32; 4];
 /// (same results as four [`RowDot`] calls).
 pub type RowsDot4 = fn(&[u8], usize, &[u8], usize, f32) -> [f32; 4];
 
-/// Two consecutive weight rows (`row_bytes` apart) against four activation rows: `out[r][j]` = row r · token j
-/// (same results as eight [`RowDot`] calls).
-pub type RowsDot2x4 = fn(&[u8], usize, [&[u8]; 4], usize, f32) -> [[f32; 4]; 2];
+/// An even number of consecutive weight rows (`row_bytes` apart), taken two at a time, against four activation rows:
+/// `out[r][j]` = row r · token j for r < `out.len()` (same results as [`RowDot`] calls).
+pub type RowsDot2x4 = fn(&[u8], usize, [&[u8]; 4], usize, f32, &mut [[f32; 4]]);
 
 /// A per-block integer kernel: (weight block, activation block) → (main sum, secondary sum such as Σ min·bsum).
 pub type BlockIsum = fn(&[u8], &[u8]) -> (i32, i32);
