@@ -22,6 +22,8 @@ const HOT: &[&str] = &[
     "ternlm_kernels::avx2::dot_q8_0_avx2",
     "ternlm_kernels::avx2::dot_f16w_f32a_avx2",
     "ternlm_kernels::avx2::quantize_i8_per_token",
+    // The one-row × four-token prompt kernels of the other types (one symbol name for all of them).
+    "ternlm_kernels::avx2::row_dot4::f::inner",
 ];
 
 /// Direct call targets a hot kernel may have: the panic paths of its bounds checks and assertions.

@@ -1215,16 +1215,27 @@ unsafe fn tq_q8k_dot4<const WB: usize, const DOFF: usize>(
     a: [&[u8]; 4],
     trits: impl Fn(&[u8]) -> [__m256i; 8],
 ) -> [f32; 4] {
-    let mut acc = [0f32; 4];
+    // The four tokens' block sums are reduced together (one hadd tree instead of four horizontal sums) and each lane
+    // takes `epi_k`'s IEEE steps, (d_w · d_a) · isum, added in block order: the same bits as the one-token dot.
+    let mut acc = _mm_setzero_ps();
     for (bi, wb) in w.chunks_exact(WB).enumerate() {
         let t = trits(wb);
-        let d = h16(wb, DOFF);
-        for (acc, a) in acc.iter_mut().zip(a) {
-            let ab = &a[bi * 292..(bi + 1) * 292];
-            *acc += epi_k(d, ab, hsum_i32(tq_q8k_block(t, ab)));
+        // Written out: `a.map(..)` stayed an out-of-line call per block (tests/hot_kernels.rs caught it).
+        let r = bi * 292..(bi + 1) * 292;
+        let ab = [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]];
+        // A plain loop, not `std::array::from_fn` (see `k_quant_rows4`).
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (v, ab) in v.iter_mut().zip(ab) {
+            *v = tq_q8k_block(t, ab);
         }
+        let d_a = _mm_setr_ps(f32_at(ab[0], 0), f32_at(ab[1], 0), f32_at(ab[2], 0), f32_at(ab[3], 0));
+        let term = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h16(wb, DOFF)), d_a), _mm_cvtepi32_ps(hsum4_i32(v)));
+        acc = _mm_add_ps(acc, term);
     }
-    acc
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
 }
 
 pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
