@@ -22,7 +22,9 @@ const HOT: &[&str] = &[
     "ternlm_kernels::avx2::dot_q8_0_avx2",
     "ternlm_kernels::avx2::dot_f16w_f32a_avx2",
     "ternlm_kernels::avx2::quantize_i8_per_token",
-    // The one-row × four-token prompt kernels of the other types (one symbol name for all of them).
+    // The one-row kernels (decode) and one-row × four-token kernels (prompts) of the other types, e.g. Q4_K or Q5_0
+    // models (one symbol name each for all the types).
+    "ternlm_kernels::avx2::row_dot::f::inner",
     "ternlm_kernels::avx2::row_dot4::f::inner",
 ];
 

@@ -142,6 +142,13 @@ unsafe fn isum_q4_1_avx2(w: &[u8], a: &[u8]) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_0_avx2(w: &[u8], a: &[u8]) -> i32 {
+    q5_0_isum(w, a)
+}
+
+/// The body of [`isum_q5_0_avx2`], inlined into the decode and prompt loops (called through the target-feature
+/// function, LLVM kept it out of line: a call per block).
+#[inline(always)]
+unsafe fn q5_0_isum(w: &[u8], a: &[u8]) -> i32 {
     let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
     // Bit clear → OR 0xF0, which as i8 is (nibble − 16); bit set → nibble + 16 − 16.
     let x = _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)));
@@ -150,6 +157,13 @@ unsafe fn isum_q5_0_avx2(w: &[u8], a: &[u8]) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_1_avx2(w: &[u8], a: &[u8]) -> i32 {
+    q5_1_isum(w, a)
+}
+
+/// The body of [`isum_q5_1_avx2`], inlined into the decode and prompt loops (called through the target-feature
+/// function, LLVM kept it out of line: a call per block).
+#[inline(always)]
+unsafe fn q5_1_isum(w: &[u8], a: &[u8]) -> i32 {
     let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
     let x = _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
     hsum_i32(mul_sum_us8(x, load(&a[4..])))
@@ -224,11 +238,23 @@ unsafe fn k_scaled_sum(vals: [__m256i; 8], w_scales: &[u8], a: &[u8]) -> i32 {
 
 #[inline(always)]
 fn k_mins(w_scales: &[u8], a: &[u8]) -> i32 {
-    (0..8).map(|j| scale_min_k4(j, w_scales).1 as i32 * q8k_bsum32(a, j)).sum()
+    // A plain loop: the iterator's `sum` stayed an out-of-line `fold` per block (tests/hot_kernels.rs).
+    let mut m = 0;
+    for j in 0..8 {
+        m += scale_min_k4(j, w_scales).1 as i32 * q8k_bsum32(a, j);
+    }
+    m
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
+    q4_k_isum(w, a)
+}
+
+/// The body of [`isum_q4_k_avx2`], inlined into the decode and prompt loops (called through the target-feature
+/// function, LLVM kept it out of line: a call per block).
+#[inline(always)]
+unsafe fn q4_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut vals = [_mm256_setzero_si256(); 8];
     for g in 0..4 {
@@ -241,6 +267,13 @@ unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
+    q5_k_isum(w, a)
+}
+
+/// The body of [`isum_q5_k_avx2`], inlined into the decode and prompt loops (called through the target-feature
+/// function, LLVM kept it out of line: a call per block).
+#[inline(always)]
+unsafe fn q5_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
     let qh = load(&w[16..]);
@@ -1343,12 +1376,12 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
         F16 => whole!(|w, a, k, _s| dot_f16_avx2(w, a, k)),
         BF16 => whole!(|w, a, k, _s| dot_bf16_avx2(w, a, k)),
         Q4_0 => blocks!(18, 34, |x, y| epi_q8_0_with(x, y, isum_q4_0_avx2(x, y), |b, i| h16(b, i))),
-        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0_with(x, y, isum_q5_0_avx2(x, y), |b, i| h16(b, i))),
+        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0_with(x, y, q5_0_isum(x, y), |b, i| h16(b, i))),
         Q8_0 => whole!(|w, a, k, _s| dot_q8_0_avx2(w, a, k)),
         Q4_1 => blocks!(20, 36, |x, y| epi_q8_1_with(x, y, isum_q4_1_avx2(x, y), |b, i| h16(b, i))),
-        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1_with(x, y, isum_q5_1_avx2(x, y), |b, i| h16(b, i))),
-        Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, isum_q4_k_avx2(x, y), |b, i| h16(b, i))),
-        Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, isum_q5_k_avx2(x, y), |b, i| h16(b, i))),
+        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1_with(x, y, q5_1_isum(x, y), |b, i| h16(b, i))),
+        Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, q4_k_isum(x, y), |b, i| h16(b, i))),
+        Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, q5_k_isum(x, y), |b, i| h16(b, i))),
         Q6_K => whole!(|w, a, k, _s| dot_q6_k_avx2(w, a, k)),
         TQ1_0 => whole!(|w, a, k, _s| dot_tq1_0_avx2(w, a, k)),
         TQ2_0 => whole!(|w, a, k, _s| dot_tq2_0_avx2(w, a, k)),
