@@ -131,13 +131,12 @@ unsafe fn bytes_from_bits_32(x: u32) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q4_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    let x = _mm256_sub_epi8(nibbles_32(&w[2..]), _mm256_set1_epi8(8));
-    hsum_i32(mul_sum_i8(x, load(&a[2..])))
+    hsum_i32(mul_sum_i8(q4_0_vals(w), load(&a[2..])))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q4_1_avx2(w: &[u8], a: &[u8]) -> i32 {
-    hsum_i32(mul_sum_us8(nibbles_32(&w[4..]), load(&a[4..])))
+    hsum_i32(mul_sum_us8(q4_1_vals(w), load(&a[4..])))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -149,10 +148,7 @@ unsafe fn isum_q5_0_avx2(w: &[u8], a: &[u8]) -> i32 {
 /// function, LLVM kept it out of line: a call per block).
 #[inline(always)]
 unsafe fn q5_0_isum(w: &[u8], a: &[u8]) -> i32 {
-    let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
-    // Bit clear → OR 0xF0, which as i8 is (nibble − 16); bit set → nibble + 16 − 16.
-    let x = _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)));
-    hsum_i32(mul_sum_i8(x, load(&a[2..])))
+    hsum_i32(mul_sum_i8(q5_0_vals(w), load(&a[2..])))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -164,9 +160,7 @@ unsafe fn isum_q5_1_avx2(w: &[u8], a: &[u8]) -> i32 {
 /// function, LLVM kept it out of line: a call per block).
 #[inline(always)]
 unsafe fn q5_1_isum(w: &[u8], a: &[u8]) -> i32 {
-    let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
-    let x = _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)));
-    hsum_i32(mul_sum_us8(x, load(&a[4..])))
+    hsum_i32(mul_sum_us8(q5_1_vals(w), load(&a[4..])))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -174,40 +168,91 @@ unsafe fn isum_q8_0_avx2(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(mul_sum_i8(load(&w[2..]), load(&a[2..])))
 }
 
-/// Q8_0 row × Q8_0 activations, equal to the scalar reference bit for bit: block sums are exact integers, each
-/// block's term is `(d_w · d_a) · isum` in f32 as there, and the terms are added in block order. Eight blocks at a
-/// time share one horizontal reduction (a hadd tree) and one vector conversion and scaling, which is what makes the
-/// Q8_0 output head (`--head-type q8_0`) stream near the memory bandwidth instead of at half of it.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q8_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+/// Weight bytes of a Q4_0 block as signed values (nibble − 8).
+#[inline(always)]
+unsafe fn q4_0_vals(w: &[u8]) -> __m256i {
+    _mm256_sub_epi8(nibbles_32(&w[2..]), _mm256_set1_epi8(8))
+}
+
+/// Weight bytes of a Q5_0 block as signed values (5-bit value − 16): a clear fifth bit ORs in 0xF0, which as i8 is
+/// (nibble − 16); a set bit leaves nibble + 16 − 16.
+#[inline(always)]
+unsafe fn q5_0_vals(w: &[u8]) -> __m256i {
+    let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
+    _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
+}
+
+/// Weight bytes of a Q4_1 block (unsigned nibbles; the block minimum is in the epilogue).
+#[inline(always)]
+unsafe fn q4_1_vals(w: &[u8]) -> __m256i {
+    nibbles_32(&w[4..])
+}
+
+/// Weight bytes of a Q5_1 block (unsigned 5-bit values).
+#[inline(always)]
+unsafe fn q5_1_vals(w: &[u8]) -> __m256i {
+    let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
+    _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)))
+}
+
+/// A row of 32-weight blocks (`WB` bytes, f16 scale first, and for `MIN` types the f16 minimum next) × the matching
+/// activation blocks (`AB` bytes, values at `AOFF`: Q8_0, or Q8_1 with its f16 sum at byte 2), equal to the scalar
+/// reference bit for bit: block sums are exact integers, each block's term is `(d_w · d_a) · isum` (`+ m_w · s_a`
+/// for `MIN`) in f32 as there, and the terms are added in block order. Eight blocks at a time share one horizontal
+/// reduction (a hadd tree) and one vector conversion and scaling, which is what lets these rows stream near the
+/// memory bandwidth instead of at half of it (a horizontal sum per 32 weights was most of the work).
+#[inline(always)]
+unsafe fn dot_blocks8<const WB: usize, const AB: usize, const AOFF: usize, const SIGNED: bool, const MIN: bool>(
+    w: &[u8],
+    a: &[u8],
+    k: usize,
+    unpack: impl Fn(&[u8]) -> __m256i,
+) -> f32 {
     let nb = k / 32;
-    let (w, a) = (&w[..34 * nb], &a[..34 * nb]);
+    let (w, a) = (&w[..WB * nb], &a[..AB * nb]);
     let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // Functions rather than closures below: the closures stayed out of line (tests/hot_kernels.rs).
+    #[inline(always)]
+    unsafe fn isum32<const SIGNED: bool>(x: __m256i, y: __m256i) -> __m256i {
+        if SIGNED {
+            mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+        } else {
+            mul_sum_us8(x, y)
+        }
+    }
+    /// The f16 at byte `o` of eight consecutive `stride`-byte blocks from `p`, as f32 lanes.
+    #[inline(always)]
+    unsafe fn f16x8(p: *const u8, stride: usize, o: usize) -> __m256 {
+        let d = |j: usize| std::ptr::read_unaligned(p.add(stride * j + o) as *const i16);
+        _mm256_cvtph_ps(_mm_setr_epi16(d(0), d(1), d(2), d(3), d(4), d(5), d(6), d(7)))
+    }
     let mut acc = 0f32;
     let mut b = 0;
     while b + 8 <= nb {
-        // Eight blocks are 272 bytes: five cache lines ahead.
-        for line in 0..5 {
-            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(34 * b + PREFETCH_BYTES + 64 * line) as *const i8);
+        for line in 0..(8 * WB).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_NTA>(wp.wrapping_add(WB * b + PREFETCH_BYTES + 64 * line) as *const i8);
         }
-        // SAFETY: blocks b..b+8 lie within the first 34·nb bytes of both rows (sliced above).
-        let v: [__m256i; 8] = std::array::from_fn(|j| unsafe {
-            let x = _mm256_loadu_si256(wp.add(34 * (b + j) + 2) as *const __m256i);
-            let y = _mm256_loadu_si256(ap.add(34 * (b + j) + 2) as *const __m256i);
-            mul_sum_i8(x, y)
-        });
+        // A plain loop, not `std::array::from_fn` (see `k_quant_rows4`).
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (j, v) in v.iter_mut().enumerate() {
+            let c = b + j;
+            *v = isum32::<SIGNED>(unpack(&w[WB * c..WB * c + WB]), load(&a[AB * c + AOFF..]));
+        }
         let h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
         let h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
         let isum = _mm256_add_epi32(
             _mm256_permute2x128_si256::<0x20>(h0123, h4567),
             _mm256_permute2x128_si256::<0x31>(h0123, h4567),
         );
-        // SAFETY: as above; the scales are the first two bytes of each block.
-        let scale = |p: *const u8| -> __m256 {
-            let d = |j: usize| unsafe { std::ptr::read_unaligned(p.add(34 * (b + j)) as *const i16) };
-            _mm256_cvtph_ps(_mm_setr_epi16(d(0), d(1), d(2), d(3), d(4), d(5), d(6), d(7)))
-        };
-        let terms = _mm256_mul_ps(_mm256_mul_ps(scale(wp), scale(ap)), _mm256_cvtepi32_ps(isum));
+        // SAFETY: blocks b..b+8 lie within the first WB·nb / AB·nb bytes of the rows (sliced above), and each
+        // block's first four bytes are its f16 scale and (MIN types) minimum or sum.
+        let (wb, ab) = unsafe { (wp.add(WB * b), ap.add(AB * b)) };
+        let d = unsafe { _mm256_mul_ps(f16x8(wb, WB, 0), f16x8(ab, AB, 0)) };
+        let mut terms = _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum));
+        if MIN {
+            // SAFETY: as above.
+            terms = _mm256_add_ps(terms, unsafe { _mm256_mul_ps(f16x8(wb, WB, 2), f16x8(ab, AB, 2)) });
+        }
         let mut t = [0f32; 8];
         // SAFETY: `t` holds eight f32.
         unsafe { _mm256_storeu_ps(t.as_mut_ptr(), terms) };
@@ -217,10 +262,18 @@ unsafe fn dot_q8_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
         b += 8;
     }
     for b in b..nb {
-        let (x, y) = (&w[34 * b..34 * b + 34], &a[34 * b..34 * b + 34]);
-        acc += epi_q8_0_with(x, y, isum_q8_0_avx2(x, y), |b, i| h16(b, i));
+        let (x, y) = (&w[WB * b..WB * b + WB], &a[AB * b..AB * b + AB]);
+        let isum = hsum_i32(isum32::<SIGNED>(unpack(x), load(&y[AOFF..])));
+        acc +=
+            if MIN { epi_q8_1_with(x, y, isum, |b, i| h16(b, i)) } else { epi_q8_0_with(x, y, isum, |b, i| h16(b, i)) };
     }
     acc
+}
+
+/// Q8_0 row × Q8_0 activations (e.g. a Q8_0 output head); see [`dot_blocks8`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
+    dot_blocks8::<34, 34, 2, true, false>(w, a, k, |w| load(&w[2..]))
 }
 
 /// Q4_K/Q5_K: Σ_j scale_j · Σ (value · a) over the eight 32-wide sub-blocks. Per 16-bit lane, maddubs pairs are at
@@ -1311,31 +1364,11 @@ pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
         }};
     }
     Some(match ty {
-        Q4_0 => four!(18, 34, 2, true, |w| _mm256_sub_epi8(nibbles_32(&w[2..]), _mm256_set1_epi8(8)), epi_q8_0_with),
+        Q4_0 => four!(18, 34, 2, true, |w| q4_0_vals(w), epi_q8_0_with),
         Q8_0 => four!(34, 34, 2, true, |w| load(&w[2..]), epi_q8_0_with),
-        Q5_0 => four!(
-            22,
-            34,
-            2,
-            true,
-            |w| {
-                let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
-                _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
-            },
-            epi_q8_0_with
-        ),
-        Q4_1 => four!(20, 36, 4, false, |w| nibbles_32(&w[4..]), epi_q8_1_with),
-        Q5_1 => four!(
-            24,
-            36,
-            4,
-            false,
-            |w| {
-                let hi = bytes_from_bits_32(u32::from_le_bytes([w[4], w[5], w[6], w[7]]));
-                _mm256_or_si256(nibbles_32(&w[8..]), _mm256_and_si256(hi, _mm256_set1_epi8(0x10)))
-            },
-            epi_q8_1_with
-        ),
+        Q5_0 => four!(22, 34, 2, true, |w| q5_0_vals(w), epi_q8_0_with),
+        Q4_1 => four!(20, 36, 4, false, |w| q4_1_vals(w), epi_q8_1_with),
+        Q5_1 => four!(24, 36, 4, false, |w| q5_1_vals(w), epi_q8_1_with),
         _ => return None,
     })
 }
@@ -1362,6 +1395,19 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
             f as crate::dot::RowDot
         }};
     }
+    macro_rules! blocks8 {
+        ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, $min:expr, $vals:ident) => {{
+            fn f(w: &[u8], a: &[u8], k: usize, _s: f32) -> f32 {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], a: &[u8], k: usize) -> f32 {
+                    dot_blocks8::<$wb, $ab, $aoff, $signed, $min>(w, a, k, |w| $vals(w))
+                }
+                // SAFETY: only reachable after feature detection (see above).
+                unsafe { inner(w, a, k) }
+            }
+            f as crate::dot::RowDot
+        }};
+    }
     macro_rules! whole {
         ($f:expr) => {{
             fn f(w: &[u8], a: &[u8], k: usize, s: f32) -> f32 {
@@ -1375,11 +1421,11 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
         F32 => whole!(|w, a, k, _s| dot_f32_avx2(w, a, k)),
         F16 => whole!(|w, a, k, _s| dot_f16_avx2(w, a, k)),
         BF16 => whole!(|w, a, k, _s| dot_bf16_avx2(w, a, k)),
-        Q4_0 => blocks!(18, 34, |x, y| epi_q8_0_with(x, y, isum_q4_0_avx2(x, y), |b, i| h16(b, i))),
-        Q5_0 => blocks!(22, 34, |x, y| epi_q8_0_with(x, y, q5_0_isum(x, y), |b, i| h16(b, i))),
+        Q4_0 => blocks8!(18, 34, 2, true, false, q4_0_vals),
+        Q5_0 => blocks8!(22, 34, 2, true, false, q5_0_vals),
         Q8_0 => whole!(|w, a, k, _s| dot_q8_0_avx2(w, a, k)),
-        Q4_1 => blocks!(20, 36, |x, y| epi_q8_1_with(x, y, isum_q4_1_avx2(x, y), |b, i| h16(b, i))),
-        Q5_1 => blocks!(24, 36, |x, y| epi_q8_1_with(x, y, q5_1_isum(x, y), |b, i| h16(b, i))),
+        Q4_1 => blocks8!(20, 36, 4, false, true, q4_1_vals),
+        Q5_1 => blocks8!(24, 36, 4, false, true, q5_1_vals),
         Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, q4_k_isum(x, y), |b, i| h16(b, i))),
         Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, q5_k_isum(x, y), |b, i| h16(b, i))),
         Q6_K => whole!(|w, a, k, _s| dot_q6_k_avx2(w, a, k)),
