@@ -308,6 +308,12 @@ unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
 /// function, LLVM kept it out of line: a call per block).
 #[inline(always)]
 unsafe fn q4_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
+    (k_scaled_sum(q4_k_vals(w), &w[4..16], a), k_mins(&w[4..16], a))
+}
+
+/// A Q4_K block's 256 values as eight 32-byte vectors (sub-block order).
+#[inline(always)]
+unsafe fn q4_k_vals(w: &[u8]) -> [__m256i; 8] {
     let m4 = _mm256_set1_epi8(0x0F);
     let mut vals = [_mm256_setzero_si256(); 8];
     for g in 0..4 {
@@ -315,7 +321,7 @@ unsafe fn q4_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
         vals[2 * g] = _mm256_and_si256(q, m4);
         vals[2 * g + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
     }
-    (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
+    vals
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -327,6 +333,12 @@ unsafe fn isum_q5_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
 /// function, LLVM kept it out of line: a call per block).
 #[inline(always)]
 unsafe fn q5_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
+    (k_scaled_sum(q5_k_vals(w), &w[4..16], a), k_mins(&w[4..16], a))
+}
+
+/// A Q5_K block's 256 values as eight 32-byte vectors (sub-block order).
+#[inline(always)]
+unsafe fn q5_k_vals(w: &[u8]) -> [__m256i; 8] {
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
     let qh = load(&w[16..]);
@@ -339,7 +351,7 @@ unsafe fn q5_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
         vals[2 * g] = _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_slli_epi16(h0, 4));
         vals[2 * g + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), _mm256_slli_epi16(h1, 4));
     }
-    (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
+    vals
 }
 
 /// Q6_K: values are (u6 − 32); Σ sc·(u6 − 32)·a = Σ sc·u6·a − 32·Σ sc·bsum16, the second term from the Q8_K
@@ -1310,6 +1322,22 @@ unsafe fn dot4_blocks<const WB: usize, const AB: usize, const AOFF: usize, const
     out
 }
 
+/// Q4_K / Q5_K (`WB`-byte blocks) against four Q8_K activation rows: each block's values are unpacked once for the
+/// four tokens; per token, the same block sums and epilogue as the one-token dot, in block order (bit-identical).
+#[inline(always)]
+unsafe fn k_min_dot4<const WB: usize>(w: &[u8], a: [&[u8]; 4], vals: impl Fn(&[u8]) -> [__m256i; 8]) -> [f32; 4] {
+    let mut acc = [0f32; 4];
+    for (bi, wb) in w.chunks_exact(WB).enumerate() {
+        let v = vals(wb);
+        for (acc, a) in acc.iter_mut().zip(a) {
+            let ab = &a[bi * 292..(bi + 1) * 292];
+            let sums = (k_scaled_sum(v, &wb[4..16], ab), k_mins(&wb[4..16], ab));
+            *acc += epi_k_min_with(wb, ab, sums, |b, i| h16(b, i));
+        }
+    }
+    acc
+}
+
 /// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
 /// TQ1_0 / TQ2_0 against four Q8_K activation rows: each block's trits are unpacked once for the four tokens
 /// (unpacking is most of a ternary block's work); per token, the same block sum and epilogue as the one-token dot.
@@ -1362,6 +1390,25 @@ pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
     }
     if ty == TQ1_0 {
         return Some(tq4!(54, 52, tq1_0_trit_vecs));
+    }
+    macro_rules! kmin4 {
+        ($wb:expr, $vals:ident) => {{
+            fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                    k_min_dot4::<$wb>(w, a, |b| $vals(b))
+                }
+                // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
+                unsafe { inner(w, a) }
+            }
+            f as crate::dot::RowDot4
+        }};
+    }
+    if ty == Q4_K {
+        return Some(kmin4!(144, q4_k_vals));
+    }
+    if ty == Q5_K {
+        return Some(kmin4!(176, q5_k_vals));
     }
     macro_rules! four {
         ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, $min:expr, |$w:ident| $unpack:expr) => {{
