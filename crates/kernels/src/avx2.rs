@@ -368,6 +368,13 @@ unsafe fn isum_q6_k_avx2(w: &[u8], a: &[u8]) -> i32 {
 /// Caller guarantees both blocks are readable.
 #[inline(always)]
 unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
+    q6_k_block_n::<1>(w, [a])[0]
+}
+
+/// [`q6_k_block`] for `N` activation blocks at once (prompts): the weights are unpacked and the scales spread once,
+/// then used for every token. Each token's lanes are the exact integer sums, as for one.
+#[inline(always)]
+unsafe fn q6_k_block_n<const N: usize>(w: *const u8, a: [*const u8; N]) -> [__m256i; N] {
     let ld = |p: *const u8| _mm256_loadu_si256(p as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0F);
     let m30 = _mm256_set1_epi8(0x30);
@@ -379,7 +386,7 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
     let pick_pair = _mm256_setr_epi8(
         0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
     );
-    let mut acc = _mm256_setzero_si256();
+    let mut acc = [_mm256_setzero_si256(); N];
     for (h, half) in halves.into_iter().enumerate() {
         let qa = ld(w.add(64 * h));
         let qb = ld(w.add(64 * h + 32));
@@ -399,12 +406,17 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> __m256i {
             // are lanes 2i and 2i+1 of `half`, spread over each 128-bit half by one in-lane byte shuffle.
             let pick = _mm256_add_epi8(pick_pair, _mm256_set1_epi8(4 * i as i8));
             let sc = _mm256_shuffle_epi8(half, pick);
-            let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
+            for (acc, a) in acc.iter_mut().zip(a) {
+                let p = _mm256_maddubs_epi16(v, ld(a.add(4 + 128 * h + 32 * i)));
+                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(p, sc));
+            }
         }
     }
-    let offset = _mm256_madd_epi16(ld(a.add(260)), s16);
-    _mm256_sub_epi32(acc, _mm256_slli_epi32(offset, 5))
+    for (acc, a) in acc.iter_mut().zip(a) {
+        let offset = _mm256_madd_epi16(ld(a.add(260)), s16);
+        *acc = _mm256_sub_epi32(*acc, _mm256_slli_epi32(offset, 5));
+    }
+    acc
 }
 
 /// Q6_K row × Q8_K activations (the decode kernel, e.g. a Q6_K output head), equal to the scalar reference bit for
@@ -1338,6 +1350,29 @@ unsafe fn k_min_dot4<const WB: usize>(w: &[u8], a: [&[u8]; 4], vals: impl Fn(&[u
     acc
 }
 
+/// Q6_K against four Q8_K activation rows (prompts): each block unpacked once for the four tokens
+/// ([`q6_k_block_n`]); the four block sums share one hadd reduction and each lane takes `epi_k`'s IEEE steps,
+/// (d_w · d_a) · isum, added in block order: the same bits as the one-token dot.
+#[inline(always)]
+unsafe fn q6_k_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let mut acc = _mm_setzero_ps();
+    for (bi, wb) in w.chunks_exact(210).enumerate() {
+        // Written out, not `a.map(..)` (see `tq_q8k_dot4`).
+        let r = bi * 292..(bi + 1) * 292;
+        let ab = [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]];
+        // SAFETY: `wb` is a whole 210-byte block and each `ab` a whole 292-byte block.
+        let v =
+            unsafe { q6_k_block_n::<4>(wb.as_ptr(), [ab[0].as_ptr(), ab[1].as_ptr(), ab[2].as_ptr(), ab[3].as_ptr()]) };
+        let d_a = _mm_setr_ps(f32_at(ab[0], 0), f32_at(ab[1], 0), f32_at(ab[2], 0), f32_at(ab[3], 0));
+        let term = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h16(wb, 208)), d_a), _mm_cvtepi32_ps(hsum4_i32(v)));
+        acc = _mm_add_ps(acc, term);
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
 /// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
 /// TQ1_0 / TQ2_0 against four Q8_K activation rows: each block's trits are unpacked once for the four tokens
 /// (unpacking is most of a ternary block's work); per token, the same block sum and epilogue as the one-token dot.
@@ -1406,6 +1441,17 @@ pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
     }
     if ty == Q4_K {
         return Some(kmin4!(144, q4_k_vals));
+    }
+    if ty == Q6_K {
+        fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                q6_k_dot4(w, a)
+            }
+            // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
+            unsafe { inner(w, a) }
+        }
+        return Some(f as crate::dot::RowDot4);
     }
     if ty == Q5_K {
         return Some(kmin4!(176, q5_k_vals));
