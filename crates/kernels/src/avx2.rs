@@ -141,25 +141,11 @@ unsafe fn isum_q4_1_avx2(w: &[u8], a: &[u8]) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    q5_0_isum(w, a)
-}
-
-/// The body of [`isum_q5_0_avx2`], inlined into the decode and prompt loops (called through the target-feature
-/// function, LLVM kept it out of line: a call per block).
-#[inline(always)]
-unsafe fn q5_0_isum(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(mul_sum_i8(q5_0_vals(w), load(&a[2..])))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_1_avx2(w: &[u8], a: &[u8]) -> i32 {
-    q5_1_isum(w, a)
-}
-
-/// The body of [`isum_q5_1_avx2`], inlined into the decode and prompt loops (called through the target-feature
-/// function, LLVM kept it out of line: a call per block).
-#[inline(always)]
-unsafe fn q5_1_isum(w: &[u8], a: &[u8]) -> i32 {
     hsum_i32(mul_sum_us8(q5_1_vals(w), load(&a[4..])))
 }
 
@@ -299,16 +285,17 @@ fn k_mins(w_scales: &[u8], a: &[u8]) -> i32 {
     m
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
-    q4_k_isum(w, a)
+/// A Q4_K/Q5_K block's two integer sums (Σ scale·value·a, Σ min·bsum) from its unpacked values `vals`, the block
+/// `w` (scales at bytes 4..16) and the Q8_K block `a`. Called directly by the decode and prompt loops: the
+/// target-feature `isum_*` functions (kept for the scalar-equality tests) stayed out of line there, a call per block.
+#[inline(always)]
+unsafe fn k_min_sums(vals: [__m256i; 8], w: &[u8], a: &[u8]) -> (i32, i32) {
+    (k_scaled_sum(vals, &w[4..16], a), k_mins(&w[4..16], a))
 }
 
-/// The body of [`isum_q4_k_avx2`], inlined into the decode and prompt loops (called through the target-feature
-/// function, LLVM kept it out of line: a call per block).
-#[inline(always)]
-unsafe fn q4_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
-    (k_scaled_sum(q4_k_vals(w), &w[4..16], a), k_mins(&w[4..16], a))
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn isum_q4_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
+    k_min_sums(q4_k_vals(w), w, a)
 }
 
 /// A Q4_K block's 256 values as eight 32-byte vectors (sub-block order).
@@ -326,14 +313,7 @@ unsafe fn q4_k_vals(w: &[u8]) -> [__m256i; 8] {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q5_k_avx2(w: &[u8], a: &[u8]) -> (i32, i32) {
-    q5_k_isum(w, a)
-}
-
-/// The body of [`isum_q5_k_avx2`], inlined into the decode and prompt loops (called through the target-feature
-/// function, LLVM kept it out of line: a call per block).
-#[inline(always)]
-unsafe fn q5_k_isum(w: &[u8], a: &[u8]) -> (i32, i32) {
-    (k_scaled_sum(q5_k_vals(w), &w[4..16], a), k_mins(&w[4..16], a))
+    k_min_sums(q5_k_vals(w), w, a)
 }
 
 /// A Q5_K block's 256 values as eight 32-byte vectors (sub-block order).
@@ -1343,8 +1323,7 @@ unsafe fn k_min_dot4<const WB: usize>(w: &[u8], a: [&[u8]; 4], vals: impl Fn(&[u
         let v = vals(wb);
         for (acc, a) in acc.iter_mut().zip(a) {
             let ab = &a[bi * 292..(bi + 1) * 292];
-            let sums = (k_scaled_sum(v, &wb[4..16], ab), k_mins(&wb[4..16], ab));
-            *acc += epi_k_min_with(wb, ab, sums, |b, i| h16(b, i));
+            *acc += epi_k_min_with(wb, ab, k_min_sums(v, wb, ab), |b, i| h16(b, i));
         }
     }
     acc
@@ -1532,8 +1511,8 @@ pub(crate) fn row_dot(ty: GgmlType) -> Option<crate::dot::RowDot> {
         Q8_0 => whole!(|w, a, k, _s| dot_q8_0_avx2(w, a, k)),
         Q4_1 => blocks8!(20, 36, 4, false, true, q4_1_vals),
         Q5_1 => blocks8!(24, 36, 4, false, true, q5_1_vals),
-        Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, q4_k_isum(x, y), |b, i| h16(b, i))),
-        Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, q5_k_isum(x, y), |b, i| h16(b, i))),
+        Q4_K => blocks!(144, 292, |x, y| epi_k_min_with(x, y, k_min_sums(q4_k_vals(x), x, y), |b, i| h16(b, i))),
+        Q5_K => blocks!(176, 292, |x, y| epi_k_min_with(x, y, k_min_sums(q5_k_vals(x), x, y), |b, i| h16(b, i))),
         Q6_K => whole!(|w, a, k, _s| dot_q6_k_avx2(w, a, k)),
         TQ1_0 => whole!(|w, a, k, _s| dot_tq1_0_avx2(w, a, k)),
         TQ2_0 => whole!(|w, a, k, _s| dot_tq2_0_avx2(w, a, k)),
