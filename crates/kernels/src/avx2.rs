@@ -151,7 +151,7 @@ unsafe fn isum_q5_1_avx2(w: &[u8], a: &[u8]) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn isum_q8_0_avx2(w: &[u8], a: &[u8]) -> i32 {
-    hsum_i32(mul_sum_i8(load(&w[2..]), load(&a[2..])))
+    hsum_i32(mul_sum_i8(q8_0_vals(w), load(&a[2..])))
 }
 
 /// Weight bytes of a Q4_0 block as signed values (nibble − 8).
@@ -166,6 +166,12 @@ unsafe fn q4_0_vals(w: &[u8]) -> __m256i {
 unsafe fn q5_0_vals(w: &[u8]) -> __m256i {
     let hi = bytes_from_bits_32(u32::from_le_bytes([w[2], w[3], w[4], w[5]]));
     _mm256_or_si256(nibbles_32(&w[6..]), _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)))
+}
+
+/// Weight bytes of a Q8_0 block (signed).
+#[inline(always)]
+unsafe fn q8_0_vals(w: &[u8]) -> __m256i {
+    load(&w[2..])
 }
 
 /// Weight bytes of a Q4_1 block (unsigned nibbles; the block minimum is in the epilogue).
@@ -201,7 +207,7 @@ unsafe fn dot_blocks8<const WB: usize, const AB: usize, const AOFF: usize, const
     #[inline(always)]
     unsafe fn isum32<const SIGNED: bool>(x: __m256i, y: __m256i) -> __m256i {
         if SIGNED {
-            mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+            mul_sum_i8(x, y)
         } else {
             mul_sum_us8(x, y)
         }
@@ -259,7 +265,7 @@ unsafe fn dot_blocks8<const WB: usize, const AB: usize, const AOFF: usize, const
 /// Q8_0 row × Q8_0 activations (e.g. a Q8_0 output head); see [`dot_blocks8`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_0_avx2(w: &[u8], a: &[u8], k: usize) -> f32 {
-    dot_blocks8::<34, 34, 2, true, false>(w, a, k, |w| load(&w[2..]))
+    dot_blocks8::<34, 34, 2, true, false>(w, a, k, |w| q8_0_vals(w))
 }
 
 /// Q4_K/Q5_K: Σ_j scale_j · Σ (value · a) over the eight 32-wide sub-blocks. Per 16-bit lane, maddubs pairs are at
@@ -1293,9 +1299,7 @@ unsafe fn dot4_blocks<const WB: usize, const AB: usize, const AOFF: usize, const
     for (bi, wb) in w.chunks_exact(WB).enumerate() {
         let x = unpack(wb);
         let ux = if SIGNED { _mm256_sign_epi8(x, x) } else { x };
-        // Written out, not `a.map(..)` (see `tq_q8k_dot4`).
-        let r = bi * AB..(bi + 1) * AB;
-        let ab = [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]];
+        let ab = act_blocks4::<AB>(a, bi);
         let mut v = [_mm256_setzero_si256(); 4];
         for (v, ab) in v.iter_mut().zip(ab) {
             let y = load(&ab[AOFF..]);
@@ -1329,51 +1333,29 @@ unsafe fn k_min_dot4<const WB: usize>(w: &[u8], a: [&[u8]; 4], vals: impl Fn(&[u
     acc
 }
 
-/// Q6_K against four Q8_K activation rows (prompts): each block unpacked once for the four tokens
-/// ([`q6_k_block_n`]); the four block sums share one hadd reduction and each lane takes `epi_k`'s IEEE steps,
-/// (d_w · d_a) · isum, added in block order: the same bits as the one-token dot.
+/// Block `bi` (`AB` bytes) of each of four activation rows. Written out: `a.map(..)` stayed an out-of-line call per
+/// block (tests/hot_kernels.rs caught it).
 #[inline(always)]
-unsafe fn q6_k_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let mut acc = _mm_setzero_ps();
-    for (bi, wb) in w.chunks_exact(210).enumerate() {
-        // Written out, not `a.map(..)` (see `tq_q8k_dot4`).
-        let r = bi * 292..(bi + 1) * 292;
-        let ab = [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]];
-        // SAFETY: `wb` is a whole 210-byte block and each `ab` a whole 292-byte block.
-        let v =
-            unsafe { q6_k_block_n::<4>(wb.as_ptr(), [ab[0].as_ptr(), ab[1].as_ptr(), ab[2].as_ptr(), ab[3].as_ptr()]) };
-        let d_a = _mm_setr_ps(f32_at(ab[0], 0), f32_at(ab[1], 0), f32_at(ab[2], 0), f32_at(ab[3], 0));
-        let term = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h16(wb, 208)), d_a), _mm_cvtepi32_ps(hsum4_i32(v)));
-        acc = _mm_add_ps(acc, term);
-    }
-    let mut out = [0f32; 4];
-    // SAFETY: `out` holds four f32.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
-    out
+fn act_blocks4<const AB: usize>(a: [&[u8]; 4], bi: usize) -> [&[u8]; 4] {
+    let r = bi * AB..(bi + 1) * AB;
+    [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]]
 }
 
-/// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
-/// TQ1_0 / TQ2_0 against four Q8_K activation rows: each block's trits are unpacked once for the four tokens
-/// (unpacking is most of a ternary block's work); per token, the same block sum and epilogue as the one-token dot.
+/// One row of `WB`-byte blocks (f16 scale at `DOFF`) against four Q8_K activation rows (prompts), for the types whose
+/// block term is `(d_w · d_a) · isum` (Q6_K, TQ1_0, TQ2_0): `block4` gives the four tokens' integer sums of one block
+/// as i32 lanes, unpacking the weights once (most of a ternary or Q6_K block's work). The four sums are reduced
+/// together (one hadd tree instead of four horizontal sums) and each lane takes `epi_k`'s IEEE steps, added in block
+/// order: the same bits as the one-token dot.
 #[inline(always)]
-unsafe fn tq_q8k_dot4<const WB: usize, const DOFF: usize>(
+unsafe fn k_quant_dot4<const WB: usize, const DOFF: usize>(
     w: &[u8],
     a: [&[u8]; 4],
-    trits: impl Fn(&[u8]) -> [__m256i; 8],
+    block4: impl Fn(&[u8], [&[u8]; 4]) -> [__m256i; 4],
 ) -> [f32; 4] {
-    // The four tokens' block sums are reduced together (one hadd tree instead of four horizontal sums) and each lane
-    // takes `epi_k`'s IEEE steps, (d_w · d_a) · isum, added in block order: the same bits as the one-token dot.
     let mut acc = _mm_setzero_ps();
     for (bi, wb) in w.chunks_exact(WB).enumerate() {
-        let t = trits(wb);
-        // Written out: `a.map(..)` stayed an out-of-line call per block (tests/hot_kernels.rs caught it).
-        let r = bi * 292..(bi + 1) * 292;
-        let ab = [&a[0][r.clone()], &a[1][r.clone()], &a[2][r.clone()], &a[3][r]];
-        // A plain loop, not `std::array::from_fn` (see `k_quant_rows4`).
-        let mut v = [_mm256_setzero_si256(); 4];
-        for (v, ab) in v.iter_mut().zip(ab) {
-            *v = tq_q8k_block(t, ab);
-        }
+        let ab = act_blocks4::<292>(a, bi);
+        let v = block4(wb, ab);
         let d_a = _mm_setr_ps(f32_at(ab[0], 0), f32_at(ab[1], 0), f32_at(ab[2], 0), f32_at(ab[3], 0));
         let term = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(h16(wb, DOFF)), d_a), _mm_cvtepi32_ps(hsum4_i32(v)));
         acc = _mm_add_ps(acc, term);
@@ -1384,76 +1366,53 @@ unsafe fn tq_q8k_dot4<const WB: usize, const DOFF: usize>(
     out
 }
 
+/// The four sums of one TQ block: trits unpacked once, then [`tq_q8k_block`] per token.
+#[inline(always)]
+unsafe fn tq_q8k_block4(trits: [__m256i; 8], ab: [&[u8]; 4]) -> [__m256i; 4] {
+    // A plain loop, not `std::array::from_fn` (see `k_quant_rows4`).
+    let mut v = [_mm256_setzero_si256(); 4];
+    for (v, ab) in v.iter_mut().zip(ab) {
+        *v = tq_q8k_block(trits, ab);
+    }
+    v
+}
+
+/// A four-token row dot (see [`dot4_blocks`]); `None` for types that fall back to four single dots.
 pub(crate) fn row_dot4(ty: GgmlType) -> Option<crate::dot::RowDot4> {
     use GgmlType::*;
-    macro_rules! tq4 {
-        ($wb:expr, $doff:expr, $trits:ident) => {{
+    // Each kernel is a target-feature function (so the block helpers inline into it) behind a plain `RowDot4`.
+    macro_rules! dot4 {
+        (|$w:ident, $a:ident| $e:expr) => {{
             fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
                 #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                    tq_q8k_dot4::<$wb, $doff>(w, a, |b| $trits(b))
+                unsafe fn inner($w: &[u8], $a: [&[u8]; 4]) -> [f32; 4] {
+                    $e
                 }
                 // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
                 unsafe { inner(w, a) }
             }
             f as crate::dot::RowDot4
         }};
-    }
-    if ty == TQ2_0 {
-        return Some(tq4!(66, 64, tq2_0_trit_vecs));
-    }
-    if ty == TQ1_0 {
-        return Some(tq4!(54, 52, tq1_0_trit_vecs));
-    }
-    macro_rules! kmin4 {
-        ($wb:expr, $vals:ident) => {{
-            fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                    k_min_dot4::<$wb>(w, a, |b| $vals(b))
-                }
-                // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
-                unsafe { inner(w, a) }
-            }
-            f as crate::dot::RowDot4
-        }};
-    }
-    if ty == Q4_K {
-        return Some(kmin4!(144, q4_k_vals));
-    }
-    if ty == Q6_K {
-        fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                q6_k_dot4(w, a)
-            }
-            // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
-            unsafe { inner(w, a) }
-        }
-        return Some(f as crate::dot::RowDot4);
-    }
-    if ty == Q5_K {
-        return Some(kmin4!(176, q5_k_vals));
     }
     macro_rules! four {
-        ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, $min:expr, |$w:ident| $unpack:expr) => {{
-            fn f(w: &[u8], a: [&[u8]; 4], _k: usize, _s: f32) -> [f32; 4] {
-                #[target_feature(enable = "avx2,fma,f16c")]
-                unsafe fn inner(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                    dot4_blocks::<$wb, $ab, $aoff, $signed, $min>(w, a, |$w| $unpack)
-                }
-                // SAFETY: only reachable through `Kernels::new(.., Backend::Avx2)`, chosen after feature detection.
-                unsafe { inner(w, a) }
-            }
-            f as crate::dot::RowDot4
-        }};
+        ($wb:expr, $ab:expr, $aoff:expr, $signed:expr, $min:expr, $vals:ident) => {
+            dot4!(|w, a| dot4_blocks::<$wb, $ab, $aoff, $signed, $min>(w, a, |b| $vals(b)))
+        };
     }
     Some(match ty {
-        Q4_0 => four!(18, 34, 2, true, false, |w| q4_0_vals(w)),
-        Q8_0 => four!(34, 34, 2, true, false, |w| load(&w[2..])),
-        Q5_0 => four!(22, 34, 2, true, false, |w| q5_0_vals(w)),
-        Q4_1 => four!(20, 36, 4, false, true, |w| q4_1_vals(w)),
-        Q5_1 => four!(24, 36, 4, false, true, |w| q5_1_vals(w)),
+        Q4_0 => four!(18, 34, 2, true, false, q4_0_vals),
+        Q8_0 => four!(34, 34, 2, true, false, q8_0_vals),
+        Q5_0 => four!(22, 34, 2, true, false, q5_0_vals),
+        Q4_1 => four!(20, 36, 4, false, true, q4_1_vals),
+        Q5_1 => four!(24, 36, 4, false, true, q5_1_vals),
+        Q4_K => dot4!(|w, a| k_min_dot4::<144>(w, a, |b| q4_k_vals(b))),
+        Q5_K => dot4!(|w, a| k_min_dot4::<176>(w, a, |b| q5_k_vals(b))),
+        // SAFETY (closure): the driver hands over a whole 210-byte block and four whole 292-byte blocks.
+        Q6_K => dot4!(|w, a| k_quant_dot4::<210, 208>(w, a, |wb, ab| unsafe {
+            q6_k_block_n::<4>(wb.as_ptr(), [ab[0].as_ptr(), ab[1].as_ptr(), ab[2].as_ptr(), ab[3].as_ptr()])
+        })),
+        TQ1_0 => dot4!(|w, a| k_quant_dot4::<54, 52>(w, a, |wb, ab| tq_q8k_block4(tq1_0_trit_vecs(wb), ab))),
+        TQ2_0 => dot4!(|w, a| k_quant_dot4::<66, 64>(w, a, |wb, ab| tq_q8k_block4(tq2_0_trit_vecs(wb), ab))),
         _ => return None,
     })
 }
